@@ -1,0 +1,1 @@
+"""nvmetd: target."""

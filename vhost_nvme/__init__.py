@@ -1,0 +1,1 @@
+"""nvmetd: vhost_nvme."""
