@@ -1,0 +1,15 @@
+#!/bin/bash
+# Runs first inside the rig VM: prepare what a booted host would have (configfs, udev, writable tmp), then run
+# the command from the given working directory. Its exit status is the VM's.
+set -u
+workdir=$1; shift
+modprobe -q configfs 2>/dev/null
+mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+mkdir -p /run/nvmetd /var/lib/nvmetd
+if ! pgrep -x systemd-udevd >/dev/null && [ -x /lib/systemd/systemd-udevd ]; then
+	/lib/systemd/systemd-udevd --daemon >/dev/null 2>&1 && udevadm trigger --action=add >/dev/null 2>&1
+fi
+ip link set lo up 2>/dev/null
+export NVMETD_IN_RIG=1 PYTHONDONTWRITEBYTECODE=1
+cd "$workdir" || exit 2
+"$@"

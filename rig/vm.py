@@ -1,0 +1,98 @@
+"""Boot the rig VM with virtme-ng and run one command in it.
+
+One boot serves a whole test session: the caller passes the complete command (e.g. a pytest run), not one test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_INIT = REPO / "rig" / "guest-init.sh"
+KERNEL_GLOB = "vmlinuz-6.12.*-amd64"
+# Environment variables the guest command inherits; everything else stays on the host.
+PASSED_ENV = ("CI", "NVMETD_", "PYTEST_ADDOPTS", "BENCH_")
+
+
+class RigError(Exception):
+    """The rig cannot boot: a missing kernel, qemu or virtme-ng. Says what to install."""
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", path.name))
+
+
+def find_kernel(boot: Path = Path("/boot")) -> Path:
+    """The newest installed Debian 6.12 kernel image; its modules come from the shared host root."""
+    found = sorted(boot.glob(KERNEL_GLOB), key=_version_key)
+    if not found:
+        raise RigError(f"no {boot}/{KERNEL_GLOB}: run `make setup` (installs linux-image-6.12-amd64)")
+    kernel = found[-1]
+    release = kernel.name.removeprefix("vmlinuz-")
+    if not Path("/lib/modules", release, "modules.dep").exists():
+        raise RigError(f"modules for {release} are missing under /lib/modules: run `make setup`")
+    return kernel
+
+
+def host_has_nvmet() -> bool:
+    """True when this host's own kernel serves nvmet, so kernel tests can run here without a VM."""
+    if Path("/sys/kernel/config/nvmet").is_dir():
+        return True
+    if os.geteuid() != 0 or not Path("/sys/kernel/config").is_dir() or shutil.which("modprobe") is None:
+        return False
+    subprocess.run(["modprobe", "-q", "nvmet"], check=False, capture_output=True)
+    return Path("/sys/kernel/config/nvmet").is_dir()
+
+
+def _vng() -> str:
+    candidate = Path(sys.executable).parent / "vng"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("vng")
+    if found is None:
+        raise RigError("virtme-ng (vng) is not installed: run `make setup`")
+    return found
+
+
+def guest_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
+
+
+def build_argv(command: list[str], memory: str, cpus: int, workdir: Path) -> list[str]:
+    """The vng argv. The guest command goes through rig/guest-init.sh, which prepares configfs and udev."""
+    if shutil.which("qemu-system-x86_64") is None:
+        raise RigError("qemu-system-x86_64 is not installed: run `make setup`")
+    env = [f"{k}={v}" for k, v in sorted(guest_env().items())]
+    inner = ["env", *env, "bash", str(GUEST_INIT), str(workdir), *command]
+    return [
+        _vng(),
+        "--run", str(find_kernel()),
+        "--disable-kvm",
+        "--memory", memory,
+        "--cpus", str(cpus),
+        "--rwdir", str(REPO),
+        "--append", "nvme_core.multipath=N",
+        "--exec", shlex.join(inner),
+    ]
+
+
+def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 3600,
+        workdir: Path = REPO) -> int:
+    """Run `command` in the rig VM (or directly, when this host has nvmet) and return its exit status."""
+    if host_has_nvmet():
+        return subprocess.run(command, cwd=workdir, check=False).returncode
+    argv = build_argv(command, memory, cpus, workdir)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    try:
+        proc = subprocess.run(argv, check=False, timeout=timeout, env={**os.environ, "PATH": path},
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        print(f"rig: the VM did not finish within {timeout:.0f} s", file=sys.stderr)
+        return 124
+    return proc.returncode

@@ -1,0 +1,122 @@
+"""Validators for the values that reach configfs paths and the kernel.
+
+Every name becomes a configfs directory name, so a value that could escape its directory (`/`, `..`, NUL) or that
+the kernel would silently truncate is refused here, with the field named, before anything touches the tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import uuid
+import zlib
+
+NQN_MAX_BYTES = 223
+DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
+_NQN_RE = re.compile(r"^nqn\.(\d{4})-(\d{2})\.([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)(:[^\s/]+)?$")
+_UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
+_FC_ADDR_RE = re.compile(r"^nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}$")
+_DHCHAP_RE = re.compile(r"^DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):$")
+_DHCHAP_LENGTHS = {0: (32, 48, 64), 1: (32,), 2: (48,), 3: (64,)}
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+def nqn(value: str) -> str:
+    """An NVMe Qualified Name per the NVMe base spec (section 4.7): `nqn.yyyy-mm.reverse-domain[:suffix]`."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value.encode()) > NQN_MAX_BYTES:
+        raise ValueError(f"is {len(value.encode())} bytes long; an NQN has at most {NQN_MAX_BYTES}")
+    if value == DISCOVERY_NQN:
+        return value
+    if value.startswith(_UUID_NQN_PREFIX):
+        try:
+            uuid.UUID(value.removeprefix(_UUID_NQN_PREFIX))
+        except ValueError:
+            raise ValueError(f"{value!r} has the uuid form but no valid UUID after it") from None
+        return value
+    match = _NQN_RE.match(value)
+    if match is None or "\x00" in value or not value.isprintable():
+        raise ValueError(f"{value!r} is not an NQN (expected nqn.yyyy-mm.reverse.domain[:name])")
+    month = int(match.group(2))
+    if not 1 <= month <= 12:
+        raise ValueError(f"{value!r} has month {month:02d}; it must be 01-12")
+    return value
+
+
+def safe_name(value: str, what: str = "name", max_len: int = 64) -> str:
+    """A name that will become one path component: letters, digits and `._:-`, not starting with a dot or dash."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if len(value) > max_len:
+        raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters; at most {max_len}")
+    if not _SAFE_NAME_RE.match(value):
+        raise ValueError(f"{what} {value!r} may only use letters, digits and . _ : - and must start with a "
+                         "letter or digit (no '/', '..', spaces or NUL)")
+    return value
+
+
+def uuid_str(value: str) -> str:
+    """A UUID in the kernel's readback form (lower-case, hyphenated), so comparisons with configfs are exact."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a UUID") from None
+
+
+def ip_for_family(traddr: str, adrfam: str) -> str:
+    try:
+        addr = ipaddress.ip_address(traddr)
+    except ValueError:
+        raise ValueError(f"{traddr!r} is not an IP address") from None
+    if (adrfam == "ipv4") != (addr.version == 4):
+        raise ValueError(f"{traddr!r} is an IPv{addr.version} address but adrfam is {adrfam}")
+    return str(addr)
+
+
+def fc_addr(traddr: str) -> str:
+    if not _FC_ADDR_RE.match(traddr):
+        raise ValueError(f"{traddr!r} is not an FC address (nn-0x<16 hex>:pn-0x<16 hex>)")
+    return traddr
+
+
+def tcp_port(trsvcid: str) -> str:
+    if not trsvcid.isdigit() or not 1 <= int(trsvcid) <= 65535:
+        raise ValueError(f"{trsvcid!r} is not a port number 1-65535")
+    return str(int(trsvcid))
+
+
+def dhchap_key(value: str) -> str:
+    """A DH-HMAC-CHAP secret in the NVMe representation `DHHC-1:0x:<base64 key+crc32>:` with a valid CRC."""
+    match = _DHCHAP_RE.match(value)
+    if match is None:
+        raise ValueError("is not a DH-CHAP secret (expected DHHC-1:0[0-3]:<base64>:)")
+    hmac_id = int(match.group(1))
+    try:
+        raw = base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        raise ValueError("has invalid base64 in its key part") from None
+    key, crc = raw[:-4], raw[-4:]
+    if len(key) not in _DHCHAP_LENGTHS[hmac_id]:
+        raise ValueError(f"has a {len(key)}-byte key; hash id {hmac_id:02d} needs {_DHCHAP_LENGTHS[hmac_id]} bytes")
+    if zlib.crc32(key).to_bytes(4, "little") != crc:
+        raise ValueError("has a CRC that does not match its key (corrupted or mistyped)")
+    return value
+
+
+def make_dhchap_key(secret: bytes, hmac_id: int = 1) -> str:
+    """Encode a secret as the kernel and nvme-cli expect; used to mint per-VM keys."""
+    if len(secret) not in _DHCHAP_LENGTHS[hmac_id]:
+        raise ValueError(f"hash id {hmac_id:02d} needs a secret of {_DHCHAP_LENGTHS[hmac_id]} bytes")
+    blob = secret + zlib.crc32(secret).to_bytes(4, "little")
+    return f"DHHC-1:{hmac_id:02d}:{base64.b64encode(blob).decode()}:"
+
+
+def device_path(value: str) -> str:
+    """An absolute path with no `..` component: what a namespace or passthru opens in the kernel."""
+    if not value.startswith("/") or "\x00" in value or any(p == ".." for p in value.split("/")):
+        raise ValueError(f"{value!r} must be an absolute path without '..' components")
+    if len(value) > 4095:
+        raise ValueError("is longer than PATH_MAX")
+    return value
