@@ -48,10 +48,10 @@ def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
     # Ports whose attributes change must be disabled (all subsystems unlinked) first.
     quiesced_ports = set()
     for path, node in desired.ports.items():
-        if path in live_objects and live.port_subsystems.get(path):
-            if any(spec.quiesce and layout.normalize(spec, live.attr(path, spec.file)) != value
-                   for spec, value in node.attrs):
-                quiesced_ports.add(path)
+        if path in live_objects and live.port_subsystems.get(path) and any(
+                spec.quiesce and layout.normalize(spec, live.attr(path, spec.file)) != value
+                for spec, value in node.attrs):
+            quiesced_ports.add(path)
 
     desired_links = {lp: (t, label, node) for nodes in (desired.subsystems, desired.ports)
                      for node in nodes.values() for lp, t, label in node.links}
@@ -63,12 +63,12 @@ def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
             if (prune or lp in desired_links) and (lp not in desired_links or ppath in quiesced_ports):
                 removals.append(Op("unlink", lp, lp, f"subsystem {nqn} on {ppath}"))
     if prune:
-        for ppath, refs in live.referrals.items():
+        for refs in live.referrals.values():
             removals += [Op("rmdir", r, r, f"referral {r}") for r in refs if r not in desired.referrals]
-        for ppath, groups in live.ana_groups.items():
+        for groups in live.ana_groups.values():
             removals += [Op("rmdir", g, g, f"ANA group {g}") for g in groups
                          if g not in desired.ana_groups and not g.endswith("/ana_groups/1")]
-        for spath, nss in live.namespaces.items():
+        for nss in live.namespaces.values():
             removals += [Op("rmdir", n, n, f"namespace {n}") for n in nss if n not in desired.namespaces]
         for spath in live.subsystems:
             ppath = f"{spath}/passthru"
@@ -88,7 +88,7 @@ def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
         changes.append(Op("write", "", "discovery_nqn", "discovery NQN", "discovery_nqn", desired.discovery_nqn))
     for node in desired.hosts.values():
         changes += _node_ops(node, live, live_objects, ())
-    for path, node in desired.ports.items():
+    for node in desired.ports.values():
         changes += _node_ops(node, live, live_objects, ())
     for node in desired.ana_groups.values():
         changes += _node_ops(node, live, live_objects, (node.parent,))

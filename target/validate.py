@@ -14,7 +14,8 @@ import zlib
 
 NQN_MAX_BYTES = 223
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
-_NQN_RE = re.compile(r"^nqn\.(\d{4})-(\d{2})\.([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)(:[^\s/]+)?$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_NQN_RE = re.compile(rf"^nqn\.(\d{{4}})-(\d{{2}})\.({_LABEL}(?:\.{_LABEL})*)(:[^\s/]+)?$")
 _UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
 _FC_ADDR_RE = re.compile(r"^nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}$")
 _DHCHAP_RE = re.compile(r"^DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):$")

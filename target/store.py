@@ -1,0 +1,115 @@
+"""The durable desired state: one JSON document, replaced atomically, changed only under a lock.
+
+Two writers never lose each other's changes (the democratic-csi #504 failure): every change is a
+read-modify-write inside `transaction()`, which holds an exclusive flock for the whole cycle and bumps a
+generation counter; `compare_and_swap` lets a caller that read earlier refuse to overwrite newer work. The file
+holds DH-CHAP keys, so it and its directory are private (0600/0700).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from target.model import TargetState, parse_state
+
+DEFAULT_PATH = Path("/var/lib/nvmetd/state.json")
+FORMAT_VERSION = 1
+
+
+class StoreError(Exception):
+    """The state file is unreadable or was changed by someone else in between."""
+
+
+class ConflictError(StoreError):
+    pass
+
+
+def _empty() -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "generation": 0, "target": TargetState().model_dump(mode="json")}
+
+
+class StateStore:
+    def __init__(self, path: Path = DEFAULT_PATH) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    # --- reading ---
+    def load(self) -> dict[str, Any]:
+        """The current document (a fresh empty one if none was ever written)."""
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return _empty()
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.path} is not valid JSON ({exc}); refusing to overwrite it") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+            raise StoreError(f"{self.path} has an unknown format {doc.get('format') if isinstance(doc, dict) else '?'}")
+        return doc
+
+    def target(self) -> TargetState:
+        return parse_state(self.load().get("target", {}))
+
+    # --- writing ---
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[dict[str, Any]]:
+        """Yield the document for changing in place; it is saved (generation + 1) if it changed."""
+        with self.locked():
+            doc = self.load()
+            before = copy.deepcopy(doc)
+            yield doc
+            if doc != before:
+                doc["generation"] = before["generation"] + 1
+                self._write(doc)
+
+    def compare_and_swap(self, generation: int, doc: dict[str, Any]) -> int:
+        """Save `doc` only if the stored generation is still `generation`; return the new generation."""
+        with self.locked():
+            current = self.load()["generation"]
+            if current != generation:
+                raise ConflictError(f"state changed meanwhile (generation {current}, expected {generation})")
+            doc = {**doc, "generation": generation + 1, "format": FORMAT_VERSION}
+            self._write(doc)
+            return doc["generation"]
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        data = json.dumps(doc, indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.rename(tmp, self.path)
+        dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+
+def set_target(doc: dict[str, Any], state: TargetState) -> None:
+    doc["target"] = state.canonical().model_dump(mode="json")
