@@ -180,6 +180,12 @@ class Port(_Node):
     ana_groups: list[AnaGroup] = Field(default_factory=list)
     referrals: list[Referral] = Field(default_factory=list)
 
+    @field_validator("inline_data_size", "max_queue_size")
+    @classmethod
+    def _transport_default(cls, value: int | None) -> int | None:
+        """-1 asks for the transport's default, which an enabled port reports as the real number: unmanaged."""
+        return None if value == -1 else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Port:
         _check_address(self.trtype, self.adrfam, self.traddr, self.trsvcid)
