@@ -289,6 +289,21 @@ void vn_signal_vector(struct vn_ctrl *c, unsigned int vector)
 	}
 }
 
+/* A doorbell written through REG_WRITE (no kick fd involved): wake the owning worker. */
+void vn_doorbell_wake(struct vn_ctrl *c, unsigned int qid)
+{
+	uint64_t one = 1;
+
+	int i;
+
+	if (!qid || qid >= VN_MAX_QID || !c->started)
+		return;
+	for (i = 0; i < c->nworkers; i++)
+		if (write(c->w[i]->wake_fd, &one, sizeof(one)) < 0) {
+			/* cannot fail */
+		}
+}
+
 static volatile uint32_t *db_slot(struct vn_ctrl *c, unsigned int qid, int is_cq)
 {
 	unsigned int off = qid * 8 + (is_cq ? 4 : 0);

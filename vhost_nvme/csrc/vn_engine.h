@@ -110,6 +110,7 @@ void vn_db_mirror_write(struct vn_ctrl *c, unsigned int slot, uint32_t val);
 int vn_set_kick(struct vn_ctrl *c, unsigned int qid, int fd);
 int vn_set_call(struct vn_ctrl *c, unsigned int vector, int fd);
 void vn_signal_vector(struct vn_ctrl *c, unsigned int vector);
+void vn_doorbell_wake(struct vn_ctrl *c, unsigned int qid);
 
 int vn_cq_create(struct vn_ctrl *c, unsigned int qid, uint64_t gpa, unsigned int size, unsigned int iv, int ien);
 int vn_sq_create(struct vn_ctrl *c, unsigned int qid, uint64_t gpa, unsigned int size, unsigned int cqid);
