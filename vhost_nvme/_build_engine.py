@@ -45,7 +45,8 @@ int vn_set_call(struct vn_ctrl *c, unsigned int vector, int fd);
 void vn_signal_vector(struct vn_ctrl *c, unsigned int vector);
 void vn_doorbell_wake(struct vn_ctrl *c, unsigned int qid);
 
-int vn_cq_create(struct vn_ctrl *c, unsigned int qid, uint64_t gpa, unsigned int size, unsigned int iv, int ien);
+int vn_cq_create(struct vn_ctrl *c, unsigned int qid, uint64_t gpa, unsigned int size, unsigned int iv,
+                 int ien);
 int vn_sq_create(struct vn_ctrl *c, unsigned int qid, uint64_t gpa, unsigned int size, unsigned int cqid);
 void vn_sq_delete(struct vn_ctrl *c, unsigned int qid);
 void vn_cq_delete(struct vn_ctrl *c, unsigned int qid);

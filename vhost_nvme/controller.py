@@ -434,7 +434,8 @@ class Controller:
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct vn_ctrl_stats *")
         lib.vn_ctrl_get_stats(self._c, s)
-        return {k: getattr(s, k) for k in ("cqes", "signals", "kicks", "sleeps", "polls", "invalid_doorbells")}
+        keys = ("cqes", "signals", "kicks", "sleeps", "polls", "invalid_doorbells")
+        return {k: getattr(s, k) for k in keys}
 
     def ns_stats(self, nsid: int) -> dict[str, int]:
         s = ffi.new("struct vn_ns_stats *")

@@ -9,7 +9,7 @@ import sys
 import threading
 
 from .controller import POLICIES, Controller, EngineError
-from .namespace import NamespaceError, open_namespace, null_namespace
+from .namespace import NamespaceError, null_namespace, open_namespace
 from .server import EngineServer
 
 SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m vhost_nvme.engine", description=__doc__)
     ap.add_argument("--socket", required=True, help="Unix socket path the front-end connects to")
     ap.add_argument("--ns", action="append", default=[], type=parse_ns, metavar="SPEC",
-                    help="namespace: PATH[,ro][,lba=4096][,iops=N][,bps=N] or null:SIZE (repeatable; NSIDs 1..)")
+                    help="PATH[,ro][,lba=4096][,iops=N][,bps=N] or null:SIZE (repeatable; NSIDs 1..)")
     ap.add_argument("--workers", type=int, default=1, help="data-plane threads (default 1)")
-    ap.add_argument("--poll-us", type=int, default=200, help="busy-poll this long before sleeping (default 200)")
+    ap.add_argument("--poll-us", type=int, default=200, help="busy-poll time before sleeping")
     ap.add_argument("--policy", choices=sorted(POLICIES), default="auto",
                     help="submission path: auto (measured at attach), psync or uring")
     ap.add_argument("--name", default="vn0", help="controller name (serial number and NQN derive from it)")

@@ -7,6 +7,7 @@ guest driver both use these helpers, so the documented layouts are the executed 
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import socket
 import struct
@@ -160,10 +161,8 @@ def recv_msg(sock: socket.socket) -> Message:
 def _close(fd: int) -> None:
     import os
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def reply_payload(result: int, data: bytes = b"") -> bytes:

@@ -141,7 +141,7 @@ class GuestDriver:
             os.close(fd)
 
     # ---- controller bring-up ---------------------------------------------------------------------
-    def _new_vq(self, qid: int, size: int, sq_gpa: int, cq_gpa: int):  # noqa: ANN202
+    def _new_vq(self, qid: int, size: int, sq_gpa: int, cq_gpa: int):
         vq = ffi.new("struct vg_queue *")
         vq.qid, vq.size, vq.phase = qid, size, 1
         vq.sq = self.mem.ptr(sq_gpa, size * 64)
@@ -153,7 +153,7 @@ class GuestDriver:
             self._attach_shadow(vq)
         return vq
 
-    def _attach_shadow(self, vq) -> None:  # noqa: ANN001
+    def _attach_shadow(self, vq) -> None:
         shadow, ei = self.dbbuf  # type: ignore[misc]
         vq.shadow_sq = ffi.cast("uint32_t *", self.mem.ptr(shadow + vq.qid * 8))
         vq.shadow_cq = ffi.cast("uint32_t *", self.mem.ptr(shadow + vq.qid * 8 + 4))
@@ -293,7 +293,8 @@ class GuestDriver:
                          cdw11=1 | (int(ien) << 1) | (vector << 16))
         if cqe.status:
             raise GuestDriverError(f"Create I/O CQ {qid} failed with status {cqe.status:#x}")
-        cqe = self.admin(AdminOpc.CREATE_SQ, prp1=sq_gpa, cdw10=qid | ((size - 1) << 16), cdw11=1 | (qid << 16))
+        cqe = self.admin(AdminOpc.CREATE_SQ, prp1=sq_gpa, cdw10=qid | ((size - 1) << 16),
+                         cdw11=1 | (qid << 16))
         if cqe.status:
             raise GuestDriverError(f"Create I/O SQ {qid} failed with status {cqe.status:#x}")
         q = IoQueue(qid, size, vector, ien, sq_gpa, cq_gpa, self._new_vq(qid, size, sq_gpa, cq_gpa))
@@ -367,7 +368,8 @@ class GuestDriver:
             pages[i] = start
         return pages[0]
 
-    def write(self, qid: int, nsid: int, slba: int, data: bytes, lba_size: int = 512, fua: bool = False) -> Cqe:
+    def write(self, qid: int, nsid: int, slba: int, data: bytes, lba_size: int = 512,
+              fua: bool = False) -> Cqe:
         buf, lst = self.scratch()
         self.mem.write(buf, data)
         prp1, prp2 = self.prps(buf, len(data), list_page=lst)

@@ -58,6 +58,6 @@ class GuestMemory:
         r = self._region(gpa, n)
         return bytes(r.map[gpa - r.gpa:gpa - r.gpa + n])
 
-    def ptr(self, gpa: int, n: int = 1):  # noqa: ANN201 - a cffi pointer
+    def ptr(self, gpa: int, n: int = 1):
         r = self._region(gpa, n)
         return r.ptr + (gpa - r.gpa)
