@@ -394,7 +394,6 @@ class Controller:
                         "uring_iops_qd32": p.uring_iops_qd32, "uring_min_batch": p.uring_min_batch,
                     }
                 lib.vn_ns_set_limits(self._c, ns.nsid, ns.iops_limit, ns.bps_limit)
-            ns.close()  # the C side holds its own duplicate
             self.namespaces[ns.nsid] = ns
             self._ns_changed(ns.nsid)
 
@@ -404,7 +403,7 @@ class Controller:
                 raise EngineError(f"NSID {nsid} is not attached")
             with self._paused():
                 lib.vn_ns_detach(self._c, nsid)
-            del self.namespaces[nsid]
+            self.namespaces.pop(nsid).close()
             self._ns_changed(nsid)
 
     def set_limits(self, nsid: int, iops: int, bps: int) -> None:
