@@ -346,26 +346,25 @@ class GuestDriver:
             return pages[0], list_page
         return pages[0], self.build_prp_list(pages[1:])
 
-    def build_prp_list(self, entries: list[int], per_page: int = PAGE_SIZE // 8) -> int:
-        """A chained PRP list; per_page < 512 forces chaining earlier (to test it without huge I/O)."""
+    def build_prp_list(self, entries: list[int], first_page_entries: int = PAGE_SIZE // 8) -> int:
+        """A PRP list; the first list may start at an offset so only first_page_entries fit, which forces
+        the chain pointer (later list pages always start page aligned, as the spec requires)."""
+        cap = first_page_entries
         chunks = []
         rest = list(entries)
         while rest:
-            if len(rest) <= per_page:
+            if len(rest) <= cap:
                 chunks.append(rest)
                 rest = []
             else:
-                chunks.append(rest[: per_page - 1])
-                rest = rest[per_page - 1:]
+                chunks.append(rest[: cap - 1])
+                rest = rest[cap - 1:]
+            cap = PAGE_SIZE // 8
         pages = [self.mem.alloc(PAGE_SIZE) for _ in chunks]
+        pages[0] += PAGE_SIZE - first_page_entries * 8
         for i, chunk in enumerate(chunks):
-            ents = list(chunk)
-            if i + 1 < len(chunks):
-                ents.append(pages[i + 1])
-            # with per_page < 512 the list starts so that exactly per_page entries fit in the page
-            start = pages[i] + PAGE_SIZE - per_page * 8
-            self.mem.write(start, struct.pack(f"<{len(ents)}Q", *ents))
-            pages[i] = start
+            ents = list(chunk) + ([pages[i + 1]] if i + 1 < len(chunks) else [])
+            self.mem.write(pages[i], struct.pack(f"<{len(ents)}Q", *ents))
         return pages[0]
 
     def write(self, qid: int, nsid: int, slba: int, data: bytes, lba_size: int = 512,
