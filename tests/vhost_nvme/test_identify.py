@@ -58,7 +58,7 @@ def test_identify_namespace_reports_file_topology(guest, engine):
     assert lbads == 9
     assert d[24] & (1 << 4)  # OPTPERF: the NPWG.. fields are valid
     blk = os.stat(engine.image).st_blksize
-    npwg, npwa, npdg, npda, nows = struct.unpack_from("<HHHHH", d, 64)
+    npwg, _npwa, npdg, _npda, nows = struct.unpack_from("<HHHHH", d, 64)
     assert npwg + 1 == blk // 512  # physical = filesystem block
     assert npdg + 1 == blk // 512  # deallocate granularity = hole-punch unit
     assert nows + 1 == blk // 512

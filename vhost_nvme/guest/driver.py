@@ -114,7 +114,8 @@ class GuestDriver:
             raise GuestDriverError(f"reply to {req:#x} came back as {msg.request:#x} flags {msg.flags:#x}")
         result, data = p.parse_reply(msg)
         if result < 0:
-            raise OSError(-result, f"engine refused request {p.Req(req).name}: {p.errno_name(result)}")
+            name = p.Req(req).name if req in p.Req.__members__.values() else hex(req)
+            raise OSError(-result, f"engine refused request {name}: {p.errno_name(result)}")
         return data
 
     def _send_mem_table(self) -> None:
@@ -136,6 +137,9 @@ class GuestDriver:
         self.call_engine(p.Req.REG_WRITE, p.REG.pack(offset, size, value))
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.sock.close()
         for fd in [*self.kick, *self.call.values(), self.mirror_fd]:
             os.close(fd)
