@@ -113,7 +113,8 @@ ADMIN_CASES = {
     "create CQ existing qid": (lambda g: (AdminOpc.CREATE_CQ, dict(prp1=_page(g), cdw10=1 | (7 << 16),
                                                                     cdw11=1)), Status.INVALID_QID),
     "create CQ qid above allocation": (
-        lambda g: (AdminOpc.CREATE_CQ, dict(prp1=_page(g), cdw10=64 | (7 << 16), cdw11=1)), Status.INVALID_QID),
+        lambda g: (AdminOpc.CREATE_CQ, dict(prp1=_page(g), cdw10=64 | (7 << 16), cdw11=1)),
+        Status.INVALID_QID),
     "create CQ one entry": (lambda g: (AdminOpc.CREATE_CQ, dict(prp1=_page(g), cdw10=9, cdw11=1)),
                             Status.INVALID_QSIZE),
     "create CQ above MQES": (lambda g: (AdminOpc.CREATE_CQ, dict(prp1=_page(g), cdw10=9 | (1024 << 16),
