@@ -386,7 +386,7 @@ class Controller:
                                       int(ns.readonly), POLICIES[self.policy])
                 if rc < 0:
                     raise EngineError(f"cannot attach NSID {ns.nsid}: {os.strerror(-rc)}")
-                if probe and self.policy == "auto":
+                if probe and self.policy == "auto" and ns.fd >= 0:
                     p = ffi.new("struct vn_probe *")
                     lib.vn_ns_probe(self._c, ns.nsid, p)
                     self.probes[ns.nsid] = {

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                 obj = open_namespace(nsid, path, bool(ns["ro"]), int(ns["lba"]))  # type: ignore[arg-type]
             obj.iops_limit, obj.bps_limit = int(ns["iops"]), int(ns["bps"])  # type: ignore[arg-type]
             ctrl.attach_namespace(obj)
+            if nsid in ctrl.probes:
+                pr = ctrl.probes[nsid]
+                print(f"probe nsid={nsid} psync={pr['psync_iops']:.0f} uring_qd1={pr['uring_iops_qd1']:.0f} "
+                      f"uring_qd32={pr['uring_iops_qd32']:.0f} uring_min_batch={pr['uring_min_batch']:.0f}",
+                      flush=True)
         server = EngineServer(args.socket, ctrl)
     except (EngineError, NamespaceError, OSError, argparse.ArgumentTypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

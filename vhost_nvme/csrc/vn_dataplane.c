@@ -16,6 +16,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sched.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -640,8 +641,16 @@ void *vn_worker_main(void *arg)
 		if (!idle_since)
 			idle_since = t_work;
 		w->st.polls++;
-		if (t_work - idle_since < c->poll_ns)
+		if (t_work - idle_since < c->poll_ns) {
+			/*
+			 * On a shared core the guest (or anything else) may be
+			 * what we are waiting for: let it run instead of
+			 * spinning out our time slice.
+			 */
+			if (!(w->st.polls & 31))
+				sched_yield();
 			continue;
+		}
 		if (!w->throttled && arm_and_recheck(w))
 			continue;
 		w->st.sleeps++;
