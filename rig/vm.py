@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,10 +90,21 @@ def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 
         return subprocess.run(command, cwd=workdir, check=False).returncode
     argv = build_argv(command, memory, cpus, workdir)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # qemu's stdio chardev would truncate a redirected stdout (losing what the caller printed before), so the
+    # guest's output is relayed through a pipe instead.
+    proc = subprocess.Popen(argv, env={**os.environ, "PATH": path}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
     try:
-        proc = subprocess.run(argv, check=False, timeout=timeout, env={**os.environ, "PATH": path},
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        print(f"rig: the VM did not finish within {timeout:.0f} s", file=sys.stderr)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+        status = proc.wait()
+    finally:
+        timer.cancel()
+    if status == -9:
+        print(f"rig: the VM did not finish within {timeout:.0f} s and was killed", file=sys.stderr)
         return 124
-    return proc.returncode
+    return status

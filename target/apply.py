@@ -19,7 +19,7 @@ from target.plan import Op, plan
 
 log = logging.getLogger("nvmetd.target")
 
-OK, CHANGED, FAILED, PENDING, SKIPPED = "ok", "changed", "failed", "pending", "skipped"
+OK, CHANGED, REMOVED, FAILED, PENDING, SKIPPED = "ok", "changed", "removed", "failed", "pending", "skipped"
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ApplyResult:
 
     @property
     def converged(self) -> bool:
-        return all(s.status in (OK, CHANGED) for s in self.objects.values())
+        return all(s.status in (OK, CHANGED, REMOVED) for s in self.objects.values())
 
     def by_status(self, status: str) -> dict[str, ObjectStatus]:
         return {k: v for k, v in self.objects.items() if v.status == status}
@@ -116,7 +116,7 @@ def _execute(ops: list[Op], flat: FlatState, cfs: ConfigFS, live: LiveTree, read
             continue
         log.debug("%s", op.describe())
         if op.obj not in status:
-            status[op.obj] = ObjectStatus(CHANGED, op.label)
+            status[op.obj] = ObjectStatus(REMOVED if op.action in ("rmdir", "unlink") else CHANGED, op.label)
 
 
 def _mark(status: dict[str, ObjectStatus], op: Op, kind: str, reason: str, blocking: bool) -> None:

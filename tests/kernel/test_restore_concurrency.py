@@ -15,7 +15,7 @@ from target.configfs import ConfigFS
 from target.live import read_state
 from target.model import parse_state
 from target.nvmetcli import export_config, import_config
-from target.restore import restore
+from target.restore import SystemReadiness, restore
 from target.store import StateStore
 
 pytestmark = pytest.mark.kernel
@@ -59,16 +59,21 @@ def test_restore_waits_for_device_and_address(cfs: ConfigFS, scratch: Path, dumm
     })
     loopdev = subprocess.run(["losetup", "-f", "--show", str(late_img)], check=True, capture_output=True,
                              text=True).stdout.strip()
+    run("modprobe", "dm-mod")
     rounds: list[dict[str, str]] = []
+    errors: list[BaseException] = []
 
     def bring_up_later() -> None:
-        time.sleep(2.0)
-        sectors = (8 << 20) // 512
-        run("dmsetup", "create", "nvmetd-late", "--table", f"0 {sectors} linear {loopdev} 0")
-        time.sleep(1.0)
-        run("ip", "addr", "add", f"{LATE_ADDR}/32", "dev", dummy_link)
+        try:
+            time.sleep(2.0)
+            sectors = (8 << 20) // 512
+            run("dmsetup", "create", "nvmetd-late", "--table", f"0 {sectors} linear {loopdev} 0")
+            time.sleep(1.0)
+            run("ip", "addr", "add", f"{LATE_ADDR}/32", "dev", dummy_link)
+        except BaseException as exc:  # surfaced by the main thread below
+            errors.append(exc)
 
-    first = apply_state(state, cfs, readiness=__import__("target.restore", fromlist=["x"]).SystemReadiness())
+    first = apply_state(state, cfs, readiness=SystemReadiness())
     pending = first.by_status("pending")
     assert set(pending) == {f"subsystems/{SUB_LATE}/namespaces/1", f"ports/2/subsystems/{SUB_NET}"}
     assert "not present" in pending[f"subsystems/{SUB_LATE}/namespaces/1"].reason
@@ -85,6 +90,7 @@ def test_restore_waits_for_device_and_address(cfs: ConfigFS, scratch: Path, dumm
         elapsed = time.monotonic() - start
     finally:
         worker.join()
+    assert not errors, errors
     try:
         assert result.converged, result.to_dict()
         assert elapsed < 30

@@ -1,0 +1,20 @@
+"""Exit codes and the one-line error a person sees instead of a traceback."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_NOT_CONVERGED = 1  # the command worked, but the kernel does not (yet) match the desired state
+EXIT_USAGE = 2  # bad input: the message says which field or argument
+EXIT_SYSTEM = 3  # the system cannot do it: missing kernel feature, no permission, unreadable state file
+
+
+class UserError(Exception):
+    """A mistake in what was asked; shown as one line, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class SystemProblem(Exception):
+    """The host cannot do what was asked; shown as one line, exit code 3."""
+
+    exit_code = EXIT_SYSTEM
