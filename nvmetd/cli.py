@@ -27,10 +27,33 @@ from target.store import DEFAULT_PATH, StateStore, StoreError, set_target
 
 
 class Context:
-    def __init__(self, state: Path, configfs: Path, as_json: bool) -> None:
+    def __init__(self, state: Path, configfs: Path, as_json: bool, socket: Path) -> None:
         self.store = StateStore(state)
         self.configfs_root = configfs
         self.as_json = as_json
+        self.socket = socket
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One request to the nvmetd service; its errors come back as one line with the right exit code."""
+        import httpx
+
+        if not self.socket.exists():
+            raise SystemExit(_fail(f"nvmetd is not running (no socket {self.socket}); start it with "
+                                   "`systemctl start nvmetd` or `nvmetd`", EXIT_SYSTEM))
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=600) as client:
+                resp = client.request(method, f"http://nvmetd{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise SystemExit(_fail(f"cannot reach nvmetd at {self.socket}: {exc}", EXIT_SYSTEM)) from None
+        data = resp.json() if resp.content else None
+        if resp.status_code >= 400:
+            message = data.get("error") if isinstance(data, dict) else resp.text
+            if isinstance(data, dict) and "detail" in data:
+                message = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}"
+                                    for d in data["detail"]) if isinstance(data["detail"], list) else data["detail"]
+            code = EXIT_USAGE if resp.status_code in (400, 404, 409, 422) else EXIT_SYSTEM
+            raise SystemExit(_fail(str(message), code))
+        return data
 
     def cfs(self) -> ConfigFS:
         cfs = ConfigFS(self.configfs_root)
@@ -77,13 +100,19 @@ def _result_text(result: ApplyResult) -> str:
               default=DEFAULT_PATH, show_default=True, help="nvmetd's durable state file")
 @click.option("--configfs", type=click.Path(path_type=Path), envvar="NVMETD_CONFIGFS", default=NVMET_ROOT,
               hidden=True)
+@click.option("--socket", type=click.Path(path_type=Path), envvar="NVMETD_SOCKET",
+              default=Path("/run/nvmetd/nvmetd.sock"), show_default=True, help="nvmetd's API socket")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("-v", "--verbose", is_flag=True, help="log each configfs change")
 @click.pass_context
-def cli(ctx: click.Context, state_path: Path, configfs: Path, as_json: bool, verbose: bool) -> None:
-    """Control the Linux in-kernel NVMe-oF target (nvmet) declaratively."""
+def cli(ctx: click.Context, state_path: Path, configfs: Path, socket: Path, as_json: bool, verbose: bool) -> None:
+    """Control the Linux in-kernel NVMe-oF target (nvmet): VMs, disks and the declarative target tree.
+
+    attach/detach/disk/vm talk to the nvmetd service; apply/diff/repair/restore/import/export work on the
+    state file and configfs directly (as root).
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    ctx.obj = Context(state_path, configfs, as_json)
+    ctx.obj = Context(state_path, configfs, as_json, socket)
 
 
 @cli.command()
@@ -197,6 +226,147 @@ def import_cmd(obj: Context, file: str, nvmetcli_fmt: bool, no_apply: bool) -> N
     obj.emit(result.to_dict(), _result_text(result))
     if not result.converged:
         sys.exit(EXIT_NOT_CONVERGED)
+
+
+def _kv(data: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in data.items())
+
+
+@cli.command()
+@click.argument("vm")
+@click.argument("disk")
+@click.option("--transport", type=click.Choice(["auto", "tcp", "rdma", "loop", "vhost"]), default="auto",
+              show_default=True)
+@click.option("--vm-uuid", help="the VM's UUID (its host NQN derives from it); new VMs get a random one")
+@click.option("--qmp", "qmp_socket", type=click.Path(), help="hot-plug into this running QEMU (QMP socket)")
+@click.pass_obj
+def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None) -> None:
+    """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU."""
+    result = obj.call("PUT", f"/v1/vms/{vm}/disks/{disk}", {"transport": transport, "vm_uuid": vm_uuid})
+    if qmp_socket:
+        from nvmetd import qmp
+
+        if not result.get("device"):
+            raise SystemExit(_fail(f"--qmp needs a host-side block device; {result['transport']} gives none",
+                                   EXIT_USAGE))
+        try:
+            result["hotplugged"] = qmp.hotplug(qmp_socket, disk, result["device"])
+        except qmp.QmpError as exc:
+            raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
+    obj.emit(result, _kv(result))
+
+
+@cli.command()
+@click.argument("vm")
+@click.argument("disk")
+@click.option("--qmp", "qmp_socket", type=click.Path(), help="hot-unplug from this running QEMU first")
+@click.pass_obj
+def detach(obj: Context, vm: str, disk: str, qmp_socket: str | None) -> None:
+    """Take DISK away from VM (safe to repeat)."""
+    if qmp_socket:
+        from nvmetd import qmp
+
+        try:
+            qmp.unplug(qmp_socket, disk)
+        except qmp.QmpError as exc:
+            raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
+    result = obj.call("DELETE", f"/v1/vms/{vm}/disks/{disk}")
+    obj.emit(result, _kv(result))
+
+
+@cli.group()
+def disk() -> None:
+    """Create, delete, resize, snapshot, clone and list disks."""
+
+
+@disk.command("create")
+@click.argument("name")
+@click.option("--pool", required=True)
+@click.option("--size", required=True, help="e.g. 10G")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--thick", is_flag=True, help="allocate everything now")
+@click.option("--encrypted", is_flag=True)
+@click.option("--compression", default="off", show_default=True)
+@click.pass_obj
+def disk_create(obj: Context, name: str, pool: str, size: str, tenant: str, thick: bool, encrypted: bool,
+                compression: str) -> None:
+    result = obj.call("POST", "/v1/disks", {"name": name, "pool": pool, "size": size, "tenant": tenant,
+                                            "thin": not thick, "encrypted": encrypted, "compression": compression})
+    obj.emit(result, _kv(result))
+
+
+@disk.command("delete")
+@click.argument("name")
+@click.pass_obj
+def disk_delete(obj: Context, name: str) -> None:
+    """Delete a disk and destroy its data."""
+    obj.emit(obj.call("DELETE", f"/v1/disks/{name}"), f"deleted {name}")
+
+
+@disk.command("resize")
+@click.argument("name")
+@click.option("--size", required=True)
+@click.option("--force", is_flag=True, help="allow shrinking (destroys data past the new end)")
+@click.pass_obj
+def disk_resize(obj: Context, name: str, size: str, force: bool) -> None:
+    result = obj.call("POST", f"/v1/disks/{name}/resize", {"size": size, "force": force})
+    obj.emit(result, _kv(result))
+
+
+@disk.command("snapshot")
+@click.argument("name")
+@click.argument("snapshot")
+@click.pass_obj
+def disk_snapshot(obj: Context, name: str, snapshot: str) -> None:
+    result = obj.call("POST", f"/v1/disks/{name}/snapshots", {"snapshot": snapshot})
+    obj.emit(result, _kv(result))
+
+
+@disk.command("clone")
+@click.argument("name")
+@click.argument("snapshot")
+@click.argument("new_name")
+@click.pass_obj
+def disk_clone(obj: Context, name: str, snapshot: str, new_name: str) -> None:
+    result = obj.call("POST", f"/v1/disks/{name}/clones", {"snapshot": snapshot, "name": new_name})
+    obj.emit(result, _kv(result))
+
+
+@disk.command("list")
+@click.pass_obj
+def disk_list(obj: Context) -> None:
+    disks = obj.call("GET", "/v1/disks")
+    rows = [f"{d['name']:24} {d['pool']:12} {d.get('logical_bytes', '?'):>14} {','.join(d['attached_to']) or '-'}"
+            for d in disks]
+    obj.emit(disks, "\n".join([f"{'NAME':24} {'POOL':12} {'SIZE':>14} ATTACHED TO", *rows]))
+
+
+@disk.command("show")
+@click.argument("name")
+@click.pass_obj
+def disk_show(obj: Context, name: str) -> None:
+    result = obj.call("GET", f"/v1/disks/{name}")
+    obj.emit(result, _kv(result))
+
+
+@cli.group()
+def vm() -> None:
+    """List VMs and show their disks."""
+
+
+@vm.command("list")
+@click.pass_obj
+def vm_list(obj: Context) -> None:
+    vms = obj.call("GET", "/v1/vms")
+    obj.emit(vms, "\n".join(f"{v['name']:24} {v['uuid']} {len(v['disks'])} disk(s)" for v in vms) or "no VMs")
+
+
+@vm.command("show")
+@click.argument("name")
+@click.pass_obj
+def vm_show(obj: Context, name: str) -> None:
+    result = obj.call("GET", f"/v1/vms/{name}")
+    obj.emit(result, json.dumps(result, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

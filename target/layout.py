@@ -74,6 +74,22 @@ REFERRAL_ATTRS = (
 ANA_ATTRS = (Attr("state", "ana_state"),)
 
 
+# What a freshly made directory already holds (read off 6.12; tests/fixtures/configfs-6.12-probe.txt). Writing
+# these into a new directory changes nothing, so the planner skips them; a wrong entry would show up as a write
+# on re-apply, which the kernel tests forbid.
+FRESH_DEFAULTS: dict[tuple[str, str], str] = {
+    ("subsystem", "attr_allow_any_host"): "0",
+    ("subsystem", "attr_pi_enable"): "0",
+    ("namespace", "buffered_io"): "0",
+    ("namespace", "ana_grpid"): "1",
+    ("port", "addr_treq"): "not specified",
+    ("port", "param_pi_enable"): "0",
+    ("referral", "addr_treq"): "not specified",
+    ("host", "dhchap_hash"): "hmac(sha256)",
+    ("host", "dhchap_dhgroup"): "null",
+}
+
+
 def encode(attr: Attr, value: object) -> str:
     if attr.kind == "bool":
         return "1" if value else "0"

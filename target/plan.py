@@ -72,7 +72,8 @@ def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
             removals += [Op("rmdir", n, n, f"namespace {n}") for n in nss if n not in desired.namespaces]
         for spath in live.subsystems:
             ppath = f"{spath}/passthru"
-            if ppath not in desired.passthru and live.attr(ppath, "enable") == "1":
+            # the kernel refuses passthru on a subsystem with namespaces: no need to read those
+            if ppath not in desired.passthru and not live.namespaces[spath] and live.attr(ppath, "enable") == "1":
                 removals.append(Op("write", ppath, ppath, f"passthru {spath}", "enable", "0"))
         for spath, hosts in live.allowed_hosts.items():
             for host in hosts:
@@ -121,8 +122,12 @@ def _node_ops(node: Node, live: LiveTree, live_objects: set[str], deps: tuple[st
         ops.append(Op("mkdir", node.path, node.path, node.label, deps=dep, creates=True))
     dep_self = (*dep, node.path) if not exists else dep
     # A fresh directory already holds the kernel's defaults; empty strings cannot be written at all (EFAULT).
-    writes = [(spec, value) for spec, value in node.attrs
-              if (value != "" if not exists else layout.normalize(spec, live.attr(node.path, spec.file)) != value)]
+    if exists:
+        writes = [(spec, value) for spec, value in node.attrs
+                  if layout.normalize(spec, live.attr(node.path, spec.file)) != value]
+    else:
+        writes = [(spec, value) for spec, value in node.attrs
+                  if value != "" and layout.FRESH_DEFAULTS.get((node.kind, spec.file)) != value]
     live_enable = live.attr(node.path, "enable") if exists and node.enable is not None else None
     needs_disable = node.enable is not None and live_enable == "1" and any(s.quiesce for s, _ in writes)
     if needs_disable:

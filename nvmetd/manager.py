@@ -1,0 +1,369 @@
+"""The one place where disks, VMs and the target tree change together.
+
+Every change is: record the intent in the durable store (one atomic, locked transaction), then reconcile the
+kernel and the volumes to the stored state. Reconcile is idempotent, so a crash (kill -9) anywhere is repaired by
+the next reconcile at start: nothing is half-applied for long, and a retried request returns the same answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nvmetd import initiator
+from nvmetd.errors import SystemProblem, UserError
+from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm
+from target import validate
+from target.apply import ApplyResult, apply_state
+from target.configfs import ConfigFS
+from target.features import load_modules
+from target.model import TargetState, parse_state
+from target.restore import restore
+from target.store import StateStore, set_target
+
+log = logging.getLogger("nvmetd.manager")
+
+DEFAULT_KEYS_DIR = Path("/var/lib/nvmetd/keys")
+
+
+def _pools():
+    from backends import pools
+
+    return pools
+
+
+@dataclass
+class AttachResult:
+    vm: str
+    disk: str
+    transport: str
+    why: str
+    subsystem_nqn: str
+    host_nqn: str
+    nsid: int
+    traddr: str
+    trsvcid: str
+    dhchap_key_file: str
+    device: str | None
+    qemu_args: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Manager:
+    def __init__(self, store: StateStore, cfs: ConfigFS, pools_root: Path | None = None,
+                 keys_dir: Path = DEFAULT_KEYS_DIR, host_connect: bool = True) -> None:
+        self.store = store
+        self.cfs = cfs
+        self.pools_root = pools_root
+        self.keys_dir = keys_dir
+        self.host_connect = host_connect
+        self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
+        self.last_result: ApplyResult | None = None
+
+    # ------------------------------------------------------------------ state document
+    @staticmethod
+    def _vms(doc: dict[str, Any]) -> dict[str, Vm]:
+        return {name: Vm.model_validate(v) for name, v in doc.get("vms", {}).items()}
+
+    @staticmethod
+    def _ports(doc: dict[str, Any]) -> Ports:
+        return Ports.model_validate(doc.get("ports", {}))
+
+    def _pool(self, name: str):
+        return _pools().open_pool(name, self.pools_root)
+
+    def _disk_pool(self, doc: dict[str, Any], disk: str) -> str:
+        entry = doc.get("disks", {}).get(disk)
+        if entry is None or entry.get("state", "ready") != "ready":
+            raise UserError(f"no disk named {disk!r} (see `nvmetctl disk list`)")
+        return entry["pool"]
+
+    # ------------------------------------------------------------------ reconcile
+    def effective(self, doc: dict[str, Any]) -> TargetState:
+        """The tree the kernel should hold, activating every attached volume on the way (idempotent)."""
+        vms = self._vms(doc)
+        devices: dict[str, str] = {}
+        for vm in vms.values():
+            for disk in vm.attachments:
+                if disk not in devices:
+                    devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        return compose(parse_state(doc.get("target", {})), vms, devices, self._ports(doc))
+
+    def reconcile(self, wait: float = 0.0) -> ApplyResult:
+        with self.lock:
+            doc = self.store.load()
+            state = self.effective(doc)
+            load_modules(state)
+            result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
+            self._release_detached(doc)
+            self.last_result = result
+            return result
+
+    def _release_detached(self, doc: dict[str, Any]) -> None:
+        """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
+        attached = {d for vm in self._vms(doc).values() for d in vm.attachments}
+        for disk, entry in doc.get("disks", {}).items():
+            if disk not in attached and entry.get("state", "ready") == "ready":
+                pool = self._pool(entry["pool"])
+                if pool.info(disk).attached:
+                    pool.detach(disk)
+
+    # ------------------------------------------------------------------ target
+    def apply_base(self, state: TargetState) -> ApplyResult:
+        nqns = {s.nqn for s in state.subsystems}
+        if any(n.startswith("nqn.2026-11.io.nvmetd:vm:") for n in nqns):
+            raise UserError("subsystem names starting with nqn.2026-11.io.nvmetd:vm: are reserved for VMs")
+        with self.lock:
+            with self.store.transaction() as doc:
+                set_target(doc, state)
+            return self.reconcile()
+
+    # ------------------------------------------------------------------ disks
+    def create_disk(self, name: str, pool: str, size: int | str, tenant: str = "default", thin: bool = True,
+                    encrypted: bool = False, compression: str = "off") -> dict[str, Any]:
+        """Journal first ("creating"), then make the volume, then mark it ready: a crash in between is rolled
+        back at the next start, so no volume exists that the state does not know about."""
+        validate.safe_name(name, "disk name")
+        with self.lock:
+            with self.store.transaction() as doc:
+                existing = doc.get("disks", {}).get(name)
+                if existing is not None and existing.get("state", "ready") == "ready":
+                    if existing["pool"] != pool:
+                        raise UserError(f"disk {name!r} exists already, on pool {existing['pool']!r}")
+                    return self.disk_info(name)  # a retried create returns the same disk
+                self._pool(pool)  # the pool must exist before anything is journalled
+                doc.setdefault("disks", {})[name] = {"pool": pool, "state": "creating"}
+            backend = self._pool(pool)
+            try:
+                if name not in set(backend.volumes()):
+                    backend.create(name, size, tenant=tenant, thin=thin, encrypted=encrypted,
+                                   compression=compression)
+            except BaseException:
+                with self.store.transaction() as doc:
+                    doc.get("disks", {}).pop(name, None)
+                raise
+            with self.store.transaction() as doc:
+                doc["disks"][name] = {"pool": pool, "state": "ready"}
+            return self.disk_info(name)
+
+    def disk_info(self, name: str) -> dict[str, Any]:
+        doc = self.store.load()
+        pool = self._disk_pool(doc, name)
+        info = self._pool(pool).info(name)
+        data = info.to_dict() if hasattr(info, "to_dict") else dict(info.__dict__)
+        data["pool"] = pool
+        data["attached_to"] = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
+        return data
+
+    def list_disks(self) -> list[dict[str, Any]]:
+        disks = self.store.load().get("disks", {})
+        return [self.disk_info(n) for n in sorted(disks) if disks[n].get("state", "ready") == "ready"]
+
+    def delete_disk(self, name: str) -> None:
+        """Journal "deleting" first, so a crash mid-way finishes the delete at the next start."""
+        with self.lock:
+            with self.store.transaction() as doc:
+                pool = self._disk_pool(doc, name)
+                users = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
+                if users:
+                    raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
+                doc["disks"][name]["state"] = "deleting"
+            self._finish_delete(name, pool)
+
+    def _finish_delete(self, name: str, pool: str) -> None:
+        backend = self._pool(pool)
+        if name in set(backend.volumes()):
+            if backend.info(name).attached:
+                backend.detach(name)
+            backend.delete(name)
+        with self.store.transaction() as doc:
+            doc.get("disks", {}).pop(name, None)
+
+    def _finish_journal(self) -> list[str]:
+        """Roll back creates and finish deletes that a crash interrupted."""
+        done = []
+        for name, entry in list(self.store.load().get("disks", {}).items()):
+            state = entry.get("state", "ready")
+            if state in ("creating", "deleting"):
+                self._finish_delete(name, entry["pool"])
+                done.append(f"disk {name}: {'rolled back create' if state == 'creating' else 'finished delete'}")
+        return done
+
+    def resize_disk(self, name: str, size: int | str, force: bool = False) -> dict[str, Any]:
+        with self.lock:
+            doc = self.store.load()
+            self._pool(self._disk_pool(doc, name)).grow(name, size, force=force)
+            self._revalidate(name)
+            return self.disk_info(name)
+
+    def _revalidate(self, disk: str) -> None:
+        """Tell nvmet the namespace grew, so connected hosts see the new size."""
+        doc = self.store.load()
+        for vm in self._vms(doc).values():
+            att = vm.attachments.get(disk)
+            if att is not None:
+                ns = f"subsystems/{vm.subnqn}/namespaces/{att.nsid}"
+                if self.cfs.has_attr(ns, "revalidate_size"):
+                    self.cfs.write(ns, "revalidate_size", "1")
+
+    def snapshot_disk(self, name: str, snap: str) -> dict[str, Any]:
+        with self.lock:
+            self._pool(self._disk_pool(self.store.load(), name)).snapshot(name, snap)
+            return self.disk_info(name)
+
+    def clone_disk(self, name: str, snap: str, new_name: str) -> dict[str, Any]:
+        validate.safe_name(new_name, "disk name")
+        with self.lock:
+            doc = self.store.load()
+            pool = self._disk_pool(doc, name)
+            if new_name in doc.get("disks", {}):
+                raise UserError(f"disk {new_name!r} exists already")
+            backend = self._pool(pool)
+            if new_name not in set(backend.volumes()):
+                backend.clone(name, snap, new_name)
+            with self.store.transaction() as doc:
+                doc.setdefault("disks", {})[new_name] = {"pool": pool}
+            return self.disk_info(new_name)
+
+    # ------------------------------------------------------------------ VMs
+    def choose_transport(self, requested: str) -> tuple[str, str]:
+        if requested != "auto":
+            return requested, f"{requested} was requested"
+        return "loop", ("loop: host-local NVMe over the kernel's loop transport, no network hop "
+                        "(vhost-nvme is not available on this host yet)")
+
+    def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None) -> AttachResult:
+        validate.safe_name(vm_name, "VM name")
+        chosen, why = self.choose_transport(transport)
+        if chosen == "vhost":
+            raise SystemProblem("the vhost transport needs the vhost-nvme QEMU device, which is not installed")
+        with self.lock:
+            with self.store.transaction() as doc:
+                self._disk_pool(doc, disk)
+                vms = doc.setdefault("vms", {})
+                vm = Vm.model_validate(vms[vm_name]) if vm_name in vms else new_vm(vm_name, vm_uuid)
+                if vm_uuid and vm.uuid != validate.uuid_str(vm_uuid):
+                    raise UserError(f"VM {vm_name!r} exists with UUID {vm.uuid}, not {vm_uuid}")
+                for other in self._vms(doc).values():
+                    if other.name != vm_name and disk in other.attachments:
+                        raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
+                current = vm.attachments.get(disk)
+                if current is not None and current.transport != chosen:
+                    raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
+                                    "detach it first to change the transport")
+                if current is None:
+                    vm.attachments[disk] = Attachment(nsid=vm.next_nsid(), transport=chosen)
+                vms[vm_name] = vm.model_dump()
+            result = self.reconcile()
+            key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
+            bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
+            if bad:
+                raise SystemProblem("attached in the desired state, but the kernel is not there yet: "
+                                    + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
+            return self._attach_result(vm_name, disk, why)
+
+    def _key_file(self, vm: Vm) -> Path:
+        self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.keys_dir / f"{vm.name}.dhchap"
+        if not path.exists() or path.read_text() != vm.dhchap_key:
+            import os
+
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(vm.dhchap_key)
+        return path
+
+    def _attach_result(self, vm_name: str, disk: str, why: str) -> AttachResult:
+        doc = self.store.load()
+        vm = self._vms(doc)[vm_name]
+        att = vm.attachments[disk]
+        ports = self._ports(doc)
+        traddr = {"tcp": ports.tcp_address, "rdma": ports.rdma_address or ""}.get(att.transport, "")
+        trsvcid = {"tcp": ports.tcp_port, "rdma": ports.rdma_port}.get(att.transport, "")
+        key_file = self._key_file(vm)
+        device = None
+        qemu: list[str] = []
+        if att.transport == "loop" and self.host_connect:
+            conn = self._host_connection(vm)
+            device = str(initiator.namespace_device(vm.subnqn, att.nsid, conn))
+            node = f"nvmetd-{disk}"
+            qemu = ["-blockdev", f"driver=host_device,filename={device},node-name={node},cache.direct=on,aio=native",
+                    "-device", f"virtio-blk-pci,drive={node},id={node}"]
+        return AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
+                            str(key_file), device, qemu)
+
+    def _host_connection(self, vm: Vm) -> str:
+        """The host-side loop controller for this VM (one per VM; new disks appear on it as namespaces)."""
+        for ctrl in sorted(initiator.SYS_NVME.glob("nvme*")):
+            try:
+                if ((ctrl / "subsysnqn").read_text().strip() == vm.subnqn
+                        and (ctrl / "transport").read_text().strip() == "loop"):
+                    return ctrl.name
+            except OSError:
+                continue
+        conn = initiator.connect(vm.subnqn, vm.hostnqn, "loop", dhchap_key=vm.dhchap_key)
+        return conn.controller
+
+    def detach(self, vm_name: str, disk: str) -> dict[str, Any]:
+        with self.lock:
+            with self.store.transaction() as doc:
+                vms = doc.get("vms", {})
+                if vm_name not in vms:
+                    raise UserError(f"no VM named {vm_name!r}")
+                vm = Vm.model_validate(vms[vm_name])
+                removed = vm.attachments.pop(disk, None)
+                vms[vm_name] = vm.model_dump()
+            if removed is not None and removed.transport == "loop" and not any(
+                    a.transport == "loop" for a in vm.attachments.values()):
+                _disconnect_host(vm)
+            result = self.reconcile()
+            return {"vm": vm_name, "disk": disk, "detached": removed is not None, "converged": result.converged}
+
+    def list_vms(self) -> list[dict[str, Any]]:
+        return [self.vm_info(name) for name in sorted(self.store.load().get("vms", {}))]
+
+    def vm_info(self, name: str) -> dict[str, Any]:
+        vms = self._vms(self.store.load())
+        if name not in vms:
+            raise UserError(f"no VM named {name!r}")
+        vm = vms[name]
+        return {"name": vm.name, "uuid": vm.uuid, "host_nqn": vm.hostnqn, "subsystem_nqn": vm.subnqn,
+                "disks": {d: a.model_dump() for d, a in sorted(vm.attachments.items())}}
+
+    def status(self) -> dict[str, Any]:
+        doc = self.store.load()
+        result = self.last_result
+        pools = {}
+        for name in _pools().list_pools(self.pools_root):
+            try:
+                st = self._pool(name).status()
+                pools[name] = st.to_dict() if hasattr(st, "to_dict") else dict(st.__dict__)
+            except Exception as exc:  # a broken pool must not hide the others
+                pools[name] = {"error": str(exc)}
+        return {"generation": doc.get("generation", 0), "vms": len(doc.get("vms", {})),
+                "disks": len(doc.get("disks", {})), "pools": pools,
+                "reconcile": None if result is None else result.to_dict()}
+
+    def boot(self, wait: float = 120.0) -> ApplyResult:
+        """Start-up: finish or roll back interrupted volume operations, then restore the kernel tree."""
+        for name in _pools().list_pools(self.pools_root):
+            try:
+                for line in self._pool(name).recover():
+                    log.info("pool %s: %s", name, line)
+            except Exception as exc:
+                log.error("pool %s: recovery failed: %s", name, exc)
+        with self.lock:
+            for line in self._finish_journal():
+                log.info("%s", line)
+        return self.reconcile(wait=wait)
+
+
+def _disconnect_host(vm: Vm) -> None:
+    import subprocess
+
+    subprocess.run(["nvme", "disconnect", "-n", vm.subnqn], capture_output=True, check=False)

@@ -1,0 +1,179 @@
+"""nvmetd: the system service. Owns the desired state, reconciles the kernel to it at start, on every change
+and on a timer (repairing drift), and serves the API on a Unix socket.
+
+Stopping or restarting nvmetd never touches the kernel target: guests keep doing I/O while it is away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
+from target.configfs import NVMET_ROOT, ConfigFS
+from target.store import DEFAULT_PATH, StateStore
+
+log = logging.getLogger("nvmetd")
+
+DEFAULT_SOCKET = Path("/run/nvmetd/nvmetd.sock")
+DEFAULT_CONFIG = Path("/etc/nvmetd/nvmetd.toml")
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per event with structured fields; journald (JOURNAL_STREAM) adds its own timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if "JOURNAL_STREAM" not in os.environ:
+            fields = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), **fields}
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in fields.items())
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def bind_socket(path: Path, group: str | None) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(128)
+    return sock
+
+
+class Service:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.config = load_config(args.config)
+        store = StateStore(args.state)
+        self.manager = Manager(store, ConfigFS(args.configfs), pools_root=args.pools_root, keys_dir=args.keys_dir,
+                               host_connect=not args.no_host_connect)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        from sdnotify import SystemdNotifier
+
+        self.notifier = SystemdNotifier()
+
+    def apply_config(self) -> None:
+        ports = self.config.get("ports")
+        if ports is not None:
+            with self.manager.store.transaction() as doc:
+                doc["ports"] = ports
+
+    def reconcile_loop(self) -> None:
+        """Boot restore first (waiting for late devices/addresses), then repair drift every interval."""
+        try:
+            result = self.manager.boot(wait=self.args.restore_timeout)
+            log.info("restore finished: converged=%s writes=%d", result.converged, result.writes)
+        except Exception:
+            log.exception("restore failed")
+        while not self.stop.is_set():
+            self.wake.wait(self.args.drift_interval)
+            self.wake.clear()
+            if self.stop.is_set():
+                break
+            try:
+                result = self.manager.reconcile()
+                if result.writes:
+                    log.warning("repaired drift: %d configfs changes", result.writes)
+            except Exception:
+                log.exception("reconcile failed")
+
+    def watchdog_loop(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not usec:
+            return
+        while not self.stop.wait(usec / 2e6):
+            self.notifier.notify("WATCHDOG=1")
+
+    def on_hup(self, *_: object) -> None:
+        log.info("SIGHUP: reloading %s", self.args.config)
+        try:
+            self.config = load_config(self.args.config)
+            self.apply_config()
+        except Exception as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+        self.wake.set()
+
+    def run(self) -> int:
+        import uvicorn
+
+        from nvmetd.api import create_app
+
+        self.apply_config()
+        group = self.args.socket_group or self.config.get("socket_group")
+        sock = bind_socket(self.args.socket, group)
+        threading.Thread(target=self.reconcile_loop, name="reconcile", daemon=True).start()
+        threading.Thread(target=self.watchdog_loop, name="watchdog", daemon=True).start()
+        signal.signal(signal.SIGHUP, self.on_hup)
+        config = uvicorn.Config(create_app(self.manager), log_config=None, access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+
+        def ready() -> None:
+            while not server.started and not self.stop.is_set():
+                time.sleep(0.05)
+            self.notifier.notify("READY=1\nSTATUS=serving on " + str(self.args.socket))
+            log.info("serving on %s", self.args.socket)
+
+        threading.Thread(target=ready, daemon=True).start()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            self.stop.set()
+            self.wake.set()
+            self.notifier.notify("STOPPING=1")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nvmetd", description=__doc__)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML configuration (ports, group)")
+    parser.add_argument("--state", type=Path, default=Path(os.environ.get("NVMETD_STATE", DEFAULT_PATH)))
+    parser.add_argument("--socket", type=Path, default=Path(os.environ.get("NVMETD_SOCKET", DEFAULT_SOCKET)))
+    parser.add_argument("--socket-group", help="group that may use the API socket (mode 0660)")
+    parser.add_argument("--pools-root", type=Path, default=None, help="backend pools' state directory")
+    parser.add_argument("--keys-dir", type=Path, default=DEFAULT_KEYS_DIR)
+    parser.add_argument("--configfs", type=Path, default=NVMET_ROOT, help=argparse.SUPPRESS)
+    parser.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift repairs")
+    parser.add_argument("--restore-timeout", type=float, default=120.0,
+                        help="seconds to wait at start for late devices and addresses")
+    parser.add_argument("--no-host-connect", action="store_true",
+                        help="never connect loop attachments on this host (return parameters only)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(KeyValueFormatter())
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    os.umask(0o077)
+    try:
+        return Service(args).run()
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        log.error("cannot start: %s", exc)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""VMs, their disks and attachments, and how they become nvmet objects.
+
+Each VM gets one subsystem of its own whose only allowed host is the VM's host NQN (derived from its UUID, never
+allow_any_host), with a DH-CHAP key of its own. Attaching a disk adds a namespace to that subsystem, so a guest
+that is already connected sees a new namespace (the kernel's namespace-changed event), not a new controller; a VM
+can never reach another VM's subsystem.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from target import validate
+from target.model import Host, Namespace, Port, Subsystem, TargetState
+
+SUBSYSTEM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"
+Transport = Literal["tcp", "loop", "rdma", "vhost"]
+
+
+def vm_hostnqn(vm_uuid: str) -> str:
+    return f"nqn.2014-08.org.nvmexpress:uuid:{vm_uuid}"
+
+
+def vm_subsystem(vm_uuid: str) -> str:
+    return f"{SUBSYSTEM_PREFIX}{vm_uuid}"
+
+
+class Attachment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nsid: int = Field(ge=1, le=1024)
+    transport: Transport
+
+
+class Vm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    uuid: str
+    dhchap_key: str
+    attachments: dict[str, Attachment] = Field(default_factory=dict)  # disk name -> attachment
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate.safe_name(value, "VM name")
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return validate.uuid_str(value)
+
+    @property
+    def hostnqn(self) -> str:
+        return vm_hostnqn(self.uuid)
+
+    @property
+    def subnqn(self) -> str:
+        return vm_subsystem(self.uuid)
+
+    def next_nsid(self) -> int:
+        used = {a.nsid for a in self.attachments.values()}
+        return next(n for n in range(1, 1025) if n not in used)
+
+
+def new_vm(name: str, vm_uuid: str | None = None) -> Vm:
+    return Vm(name=name, uuid=vm_uuid or str(uuidlib.uuid4()),
+              dhchap_key=validate.make_dhchap_key(os.urandom(32), 1))
+
+
+class Ports(BaseModel):
+    """Where VM subsystems are exported; ids are reserved for nvmetd's own ports."""
+
+    model_config = ConfigDict(extra="forbid")
+    tcp_id: int = 4420
+    tcp_address: str = "127.0.0.1"
+    tcp_port: str = "4420"
+    loop_id: int = 4421
+    rdma_id: int = 4422
+    rdma_address: str | None = None
+    rdma_port: str = "4420"
+
+    def port(self, transport: str, subsystems: list[str]) -> Port:
+        if transport == "tcp":
+            family = "ipv6" if ":" in self.tcp_address else "ipv4"
+            return Port(id=self.tcp_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
+                        trsvcid=self.tcp_port, subsystems=subsystems)
+        if transport == "rdma":
+            if not self.rdma_address:
+                raise ValueError("no rdma address is configured (ports.rdma_address)")
+            family = "ipv6" if ":" in self.rdma_address else "ipv4"
+            return Port(id=self.rdma_id, trtype="rdma", adrfam=family, traddr=self.rdma_address,
+                        trsvcid=self.rdma_port, subsystems=subsystems)
+        return Port(id=self.loop_id, trtype="loop", subsystems=subsystems)
+
+
+def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], ports: Ports) -> TargetState:
+    """The effective desired tree: what the operator declared plus one subsystem per VM with disks.
+
+    `devices` maps disk name -> the file or block device its namespace opens (from the backend).
+    """
+    data: dict[str, Any] = base.model_dump()
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": []}
+    for vm in sorted(vms.values(), key=lambda v: v.name):
+        if not vm.attachments:
+            continue
+        data["hosts"].append(Host(nqn=vm.hostnqn, dhchap_key=vm.dhchap_key).model_dump())
+        namespaces = [Namespace(nsid=a.nsid, device_path=devices[disk],
+                                device_uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{vm.uuid}/{disk}")))
+                      for disk, a in sorted(vm.attachments.items())]
+        data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[vm.hostnqn], model="nvmetd virtual disk",
+                                            serial=vm.uuid.replace("-", "")[:20],
+                                            namespaces=namespaces).model_dump())
+        for transport in sorted({a.transport for a in vm.attachments.values()}):
+            if transport != "vhost":
+                exported[transport].append(vm.subnqn)
+    for transport, subs in exported.items():
+        if subs:
+            data["ports"].append(ports.port(transport, subs).model_dump())
+    return TargetState.model_validate(data)

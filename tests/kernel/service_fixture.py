@@ -1,0 +1,82 @@
+"""Run a real nvmetd process for kernel tests, with its own state, socket, keys and pools."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Daemon:
+    base: Path
+    proc: subprocess.Popen | None = None
+    log: list[Path] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "nvmetd.sock"
+
+    @property
+    def pools_root(self) -> Path:
+        return self.base / "pools"
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state.json"
+
+    def start(self, restore_timeout: float = 5.0) -> None:
+        logfile = self.base / f"nvmetd-{len(self.log)}.log"
+        self.log.append(logfile)
+        env = {**os.environ, "NVMETD_BACKENDS_DIR": str(self.pools_root)}
+        with open(logfile, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "nvmetd.service", "--state", str(self.state), "--socket", str(self.socket),
+                 "--pools-root", str(self.pools_root), "--keys-dir", str(self.base / "keys"),
+                 "--drift-interval", "3600", "--restore-timeout", str(restore_timeout),
+                 "--config", str(self.base / "nvmetd.toml")],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nvmetd exited: {logfile.read_text()}")
+            try:
+                self.request("GET", "/v1/status")
+                return
+            except (httpx.HTTPError, OSError):
+                time.sleep(0.2)
+        raise AssertionError("nvmetd did not answer within 60 s")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 300) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=timeout) as client:
+            return client.request(method, f"http://nvmetd{path}", json=body)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "nvmetd.cli", "--socket", str(self.socket),
+                               "--state", str(self.state), *args], capture_output=True, text=True, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"nvmetctl {' '.join(args)}: exit {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def ctl_json(self, *args: str) -> dict:
+        return json.loads(self.ctl("--json", *args).stdout)
