@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE
+from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE, SystemProblem, UserError
+from nvmetd.vms import SUBSYSTEM_PREFIX
 from target.apply import ApplyResult, apply_state, diff
 from target.configfs import NVMET_ROOT, ConfigFS, ConfigfsError
 from target.features import FeatureError, load_modules, require
@@ -63,6 +64,15 @@ class Context:
             raise SystemExit(_fail(f"{self.configfs_root} does not exist: this kernel has no nvmet "
                                    "(modprobe nvmet failed or configfs is not mounted)", EXIT_SYSTEM))
         return cfs
+
+    def effective(self) -> TargetState:
+        """What the kernel should hold: the declared tree plus the VMs' subsystems (as the daemon computes it)."""
+        doc = self.store.load()
+        if not any(vm.get("attachments") for vm in doc.get("vms", {}).values()):
+            return parse_state(doc.get("target", {}))
+        from nvmetd.manager import Manager
+
+        return Manager(self.store, ConfigFS(self.configfs_root)).effective(doc)
 
     def emit(self, data: Any, text: str) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text)
@@ -128,9 +138,11 @@ def apply(obj: Context, file: str, dry_run: bool) -> None:
         changes = diff(state, cfs)
         obj.emit({"changes": changes}, "\n".join(changes) or "nothing to do")
         return
+    if any(s.nqn.startswith(SUBSYSTEM_PREFIX) for s in state.subsystems):
+        raise click.UsageError(f"subsystem names starting with {SUBSYSTEM_PREFIX} are reserved for nvmetd's VMs")
     with obj.store.transaction() as doc:
         set_target(doc, state)
-        result = apply_state(state, cfs)
+    result = apply_state(obj.effective(), cfs)
     obj.emit(result.to_dict(), _result_text(result))
     if not result.converged:
         sys.exit(EXIT_NOT_CONVERGED)
@@ -140,7 +152,7 @@ def apply(obj: Context, file: str, dry_run: bool) -> None:
 @click.pass_obj
 def diff_cmd(obj: Context) -> None:
     """Show what differs between the desired state and the live kernel (exit 1 if anything does)."""
-    changes = diff(obj.store.target(), obj.cfs())
+    changes = diff(obj.effective(), obj.cfs())
     obj.emit({"drift": changes}, "\n".join(changes) or "no drift: the kernel matches the desired state")
     if changes:
         sys.exit(EXIT_NOT_CONVERGED)
@@ -150,7 +162,7 @@ def diff_cmd(obj: Context) -> None:
 @click.pass_obj
 def repair(obj: Context) -> None:
     """Re-apply the desired state, undoing hand edits of configfs."""
-    result = apply_state(obj.store.target(), obj.cfs())
+    result = apply_state(obj.effective(), obj.cfs())
     obj.emit(result.to_dict(), _result_text(result))
     if not result.converged:
         sys.exit(EXIT_NOT_CONVERGED)
@@ -162,7 +174,7 @@ def repair(obj: Context) -> None:
 @click.pass_obj
 def restore_cmd(obj: Context, timeout: float) -> None:
     """Boot-time restore: apply what is ready, wait for late devices and addresses, never wipe."""
-    state = obj.store.target()
+    state = obj.effective()
     load_modules(state)
     result = restore(state, obj.cfs(), timeout=timeout)
     obj.emit(result.to_dict(), _result_text(result))
@@ -174,7 +186,7 @@ def restore_cmd(obj: Context, timeout: float) -> None:
 @click.pass_obj
 def status(obj: Context) -> None:
     """Summarise the desired state, the live tree and the drift between them."""
-    desired = obj.store.target()
+    desired = obj.effective()
     cfs = obj.cfs()
     live = read_state(cfs)
     drift = diff(desired, cfs)
@@ -202,7 +214,7 @@ def status(obj: Context) -> None:
 @click.pass_obj
 def export_cmd(obj: Context, nvmetcli_fmt: bool, live: bool) -> None:
     """Print the desired (or live) state as nvmetd JSON or nvmetcli JSON. Contains DH-CHAP keys."""
-    state = read_state(obj.cfs()) if live else obj.store.target()
+    state = read_state(obj.cfs()) if live else obj.effective()
     data = export_config(state) if nvmetcli_fmt else state.canonical().model_dump(mode="json", exclude_none=True)
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
@@ -222,10 +234,20 @@ def import_cmd(obj: Context, file: str, nvmetcli_fmt: bool, no_apply: bool) -> N
         return
     cfs = obj.cfs()
     require(state, cfs)
-    result = apply_state(state, cfs)
+    result = apply_state(obj.effective(), cfs)
     obj.emit(result.to_dict(), _result_text(result))
     if not result.converged:
         sys.exit(EXIT_NOT_CONVERGED)
+
+
+@cli.command()
+@click.option("-c", "--command", "commands", multiple=True, help="run these shell commands and exit")
+@click.pass_obj
+def shell(obj: Context, commands: tuple[str, ...]) -> None:
+    """Interactive tree of the live target (ls, cd, info, diff, repair), like nvmetcli's."""
+    from nvmetd import shell as shell_mod
+
+    shell_mod.run(obj.cfs(), obj.effective, list(commands) or None)
 
 
 def _kv(data: dict[str, Any]) -> str:
@@ -381,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("aborted", EXIT_USAGE)
     except StateError as exc:
         return _fail(f"invalid state:\n{exc}", EXIT_USAGE)
+    except (UserError, SystemProblem) as exc:
+        return _fail(str(exc), exc.exit_code)
     except FeatureError as exc:
         return _fail(str(exc), EXIT_SYSTEM)
     except StoreError as exc:
