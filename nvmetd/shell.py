@@ -7,6 +7,7 @@ state; a hand-made change here would be undone by the next reconcile anyway.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from configshell import ConfigNode, ConfigShell
@@ -77,6 +78,8 @@ class Root(ConfigNode):
 
 def build(cfs: ConfigFS, desired: Callable[[], TargetState], preferences_dir: str | None = None) -> ConfigShell:
     shell = ConfigShell(preferences_dir)
+    # configshell's Console binds sys.stdout when it is imported; write to the stdout of now instead
+    shell.con._stdout = sys.stdout
     Root(shell, cfs, desired)
     return shell
 

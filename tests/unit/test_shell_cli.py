@@ -20,11 +20,11 @@ def fake(tmp_path: Path) -> FakeFS:
     return FakeFS(root=tmp_path / "nvmet")
 
 
-def test_shell_lists_the_live_tree_and_diffs(fake: FakeFS, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_shell_lists_the_live_tree_and_diffs(fake: FakeFS, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     apply_state(state(), fake, readiness=AllReady())
     shell.run(fake, lambda: TargetState(), ["ls", "cd /subsystems/nqn.2026-11.io.nvmetd:disk/namespaces/1", "info",
                                             "cd /", "diff"], preferences_dir=str(tmp_path / "prefs"))
-    out = capfd.readouterr().out
+    out = capsys.readouterr().out
     assert "nqn.2026-11.io.nvmetd:disk" in out and "device_path: /dev/a" in out
     assert "rmdir subsystems/nqn.2026-11.io.nvmetd:disk" in out  # desired is empty: everything would go
 
