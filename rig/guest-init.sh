@@ -10,6 +10,13 @@ if ! pgrep -x systemd-udevd >/dev/null && [ -x /lib/systemd/systemd-udevd ]; the
 	/lib/systemd/systemd-udevd --daemon >/dev/null 2>&1 && udevadm trigger --action=add >/dev/null 2>&1
 fi
 ip link set lo up 2>/dev/null
+# cached read-only views of the Python trees (see rig/vm.py: cached_python_mounts)
+IFS=: read -r -a rig_mounts <<< "${NVMETD_RIG_MOUNTS:-}"
+for entry in "${rig_mounts[@]}"; do
+	tag=${entry%%=*} dir=${entry#*=}
+	mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=524288,cache=loose "$tag" "$dir" 2>/dev/null ||
+		echo "rig: could not mount a cached view of $dir; imports will be slow" >&2
+done
 export NVMETD_IN_RIG=1 PYTHONDONTWRITEBYTECODE=1
 cd "$workdir" || exit 2
 "$@"

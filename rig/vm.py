@@ -69,7 +69,8 @@ def build_argv(command: list[str], memory: str, cpus: int, workdir: Path) -> lis
     """The vng argv. The guest command goes through rig/guest-init.sh, which prepares configfs and udev."""
     if shutil.which("qemu-system-x86_64") is None:
         raise RigError("qemu-system-x86_64 is not installed: run `make setup`")
-    env = [f"{k}={v}" for k, v in sorted(guest_env().items())]
+    mounts = ":".join(f"nvmetd_py{i}={p}" for i, p in enumerate(python_dirs()))
+    env = [f"{k}={v}" for k, v in sorted(guest_env().items())] + [f"NVMETD_RIG_MOUNTS={mounts}"]
     inner = ["env", *env, "bash", str(GUEST_INIT), str(workdir), *command]
     return [
         _vng(),
@@ -78,9 +79,27 @@ def build_argv(command: list[str], memory: str, cpus: int, workdir: Path) -> lis
         "--memory", memory,
         "--cpus", str(cpus),
         "--rwdir", str(REPO),
-        "--append", "nvme_core.multipath=N",
+        "--append", "nvme_core.multipath=N",  # one block device per controller
         "--exec", shlex.join(inner),
+        *cached_python_mounts(),  # qemu options: must come last
     ]
+
+
+def python_dirs() -> list[Path]:
+    """The interpreter's installation and the virtualenv: what every test process imports from."""
+    dirs = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    return sorted(d for d in dirs if d != Path("/"))
+
+
+def cached_python_mounts() -> list[str]:
+    """virtme-ng shares the host root over 9p without caching, so each Python import is a round of lookups over
+    virtio: a FastAPI app took minutes to import under TCG. The Python trees are read-only for the guest, so they
+    are exported again as their own 9p devices, which guest-init.sh mounts with cache=loose over the same paths."""
+    opts: list[str] = []
+    for i, path in enumerate(python_dirs()):
+        opts += ["-fsdev", f"local,id=nvpy{i},path={path},security_model=none,readonly=on,multidevs=remap",
+                 "-device", f"virtio-9p-pci,fsdev=nvpy{i},mount_tag=nvmetd_py{i}"]
+    return [f"--qemu-opts={token}" for token in opts]  # `=`: the tokens start with a dash
 
 
 def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 3600,
