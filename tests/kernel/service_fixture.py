@@ -43,7 +43,7 @@ class Daemon:
                  "--drift-interval", "3600", "--restore-timeout", str(restore_timeout),
                  "--config", str(self.base / "nvmetd.toml")],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # Python start-up of a FastAPI app under TCG on a busy host
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nvmetd exited: {logfile.read_text()}")
@@ -52,7 +52,7 @@ class Daemon:
                 return
             except (httpx.HTTPError, OSError):
                 time.sleep(0.2)
-        raise AssertionError("nvmetd did not answer within 60 s")
+        raise AssertionError(f"nvmetd did not answer within 300 s: {logfile.read_text()}")
 
     def kill9(self) -> None:
         assert self.proc is not None
