@@ -53,17 +53,30 @@ derive() { # $1 = Types, $2 = "" (copy each stanza) or a suite (one stanza for i
 		END { flush() }' "$main_sources"
 }
 apt_updated=0
-have_backports_deb() {
-	grep -rlsE "^(Suites:.*[[:space:]]|deb[[:space:]].*[[:space:]])$codename-backports([[:space:]]|$)" \
-		/etc/apt/sources.list /etc/apt/sources.list.d/ | xargs -r grep -lsE '^(Types:.*\bdeb\b|deb[[:space:]])' | grep -q .
+have_suite() { # $1 = deb or deb-src, $2 = suite: is it configured in any sources file (one-line or deb822)?
+	local f
+	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+		[ -f "$f" ] || continue
+		awk -v want="$1" -v suite="$2" '
+			function flush() { if (t && s && !off) found = 1; t = 0; s = 0; off = 0 }
+			/^[[:space:]]*#/ { next }
+			/^[[:space:]]*$/ { flush(); next }
+			$1 == want && FILENAME ~ /\.list$/ { for (i = 2; i <= NF; i++) if ($i == suite) found = 1 }
+			/^Types:/ { for (i = 2; i <= NF; i++) if ($i == want) t = 1 }
+			/^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) s = 1 }
+			/^Enabled:[[:space:]]*no/ { off = 1 }
+			END { flush(); exit !found }' "$f" && return 0
+	done
+	return 1
 }
-if ! have_backports_deb; then
+# Files written here have names of their own: never rewrite a sources file somebody else made.
+if ! have_suite deb "$codename-backports"; then
 	[ -f "$main_sources" ] || { log "no $main_sources to derive a $codename-backports entry from"; exit 1; }
 	log "adding $codename-backports (derived from $main_sources)"
-	derive deb "$codename-backports" | as_root tee /etc/apt/sources.list.d/nvmetd-backports.sources >/dev/null
+	derive deb "$codename-backports" | as_root tee /etc/apt/sources.list.d/nvmetd-qemu-backports.sources >/dev/null
 	as_root apt-get update -q; apt_updated=1
 fi
-if [ ! -f "$src_list" ]; then
+if ! have_suite deb-src "$codename-backports"; then
 	[ -f "$main_sources" ] || { log "no $main_sources to derive deb-src entries from"; exit 1; }
 	log "adding deb-src entries (derived from $main_sources)"
 	{ derive deb-src ""; derive deb-src "$codename-backports"; } | as_root tee "$src_list" >/dev/null

@@ -58,6 +58,12 @@ CSTS_SHST_DONE = 2 << 2
 POLICIES = {"auto": 0, "psync": 1, "uring": 2}
 
 
+def serial_for(name: str) -> str:
+    """The controller's serial number: derived from its name only, so it is stable across engine restarts
+    (a front-end that reconnects, or a guest that resets, finds the same controller)."""
+    return f"VN{int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10**12:012d}"
+
+
 class EngineError(Exception):
     """The engine cannot do what was asked (reported to users without a traceback)."""
 
@@ -110,8 +116,7 @@ class Controller:
         self._stopped = False
         self._closing = False
         self.identity = ControllerIdentity(
-            # stable across engine restarts (a front-end reconnecting must find the same controller)
-            serial=f"VN{int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10**12:012d}",
+            serial=serial_for(name),
             model="nvmetd vhost-nvme",
             firmware="0.1.0",
             subnqn=f"nqn.2024-01.io.nvmetd:vhost:{name}"[:223],

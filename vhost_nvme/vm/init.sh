@@ -18,7 +18,10 @@ done
 insmod /lib/modules/nvme-auth.ko
 insmod /lib/modules/nvme-core.ko $core_args
 insmod /lib/modules/nvme.ko $nvme_args
-stty -F /dev/ttyS1 raw -echo
-echo "@@READY $(cat /proc/uptime)" > /dev/ttyS1
-# a pipe, not the tty, on stdin: a non-interactive shell (no prompt, no echo)
-exec sh -c "cat /dev/ttyS1 | sh" > /dev/ttyS1 2>&1
+# Hold the command port open from here on: a serial port nobody has open drops what it receives, so the
+# host's first command could be lost between our READY and the shell's open.
+exec 3<>/dev/ttyS1
+stty raw -echo <&3
+echo "@@READY $(cat /proc/uptime)" >&3
+# stdout a pipe rather than the tty: ash is then not interactive (no prompt, no echo of the input)
+exec sh -c "sh -s <&3 2>&1 | cat >&3"
