@@ -231,7 +231,8 @@ class VM:
         if engine_sock is not None:
             argv += qemu_args(str(engine_sock), memory=memory)
         else:
-            argv += ["-drive", f"if=none,id=d0,file={emulated_image},format=raw,cache=none,aio=threads",
+            # the host page cache, as the engine (psync on the file) uses it
+            argv += ["-drive", f"if=none,id=d0,file={emulated_image},format=raw,cache=writeback,aio=threads",
                      "-device", "nvme,serial=emulated0,drive=d0"]
         self.argv = argv
         self._lines: queue.Queue[str | None] = queue.Queue()
