@@ -9,6 +9,9 @@
 #   src/      the verified orig tarball      qemu-10.0.2/  patched tree      qemu-system-x86_64  the binary
 # Needs root (or sudo) only when apt sources or packages are missing.
 set -euo pipefail
+# All of it in a function: bash parses a function whole before running it, so editing this file while a
+# build runs cannot derail that build.
+main() {
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 out=${QEMU_BUILD_DIR:-$root/.build/qemu}
@@ -121,36 +124,73 @@ if ! echo "$sha  $tarball" | sha256sum -c --quiet 2>/dev/null; then
 	echo "$sha  $tarball" | sha256sum -c --quiet || { log "$tarball missing or its SHA256 differs from the index"; exit 1; }
 fi
 
-# ---- patched tree ----
+# ---- patched tree: incremental when the tree of a previous run is there ----
+# $out/applied/ keeps copies of the patches that are in the tree.  Patches unchanged at the head of the series
+# stay applied; the rest are reversed and the new ones applied, so ninja recompiles only what they touch.
+# A patch that does not reverse cleanly means an unknown tree: start from a fresh one.
 tree=$out/qemu-$upstream
-rm -rf "$tree"
-tar -C "$out" --no-same-owner -xf "$out/src/$tarball"
-[ -d "$tree" ] || { log "$tarball did not unpack to qemu-$upstream"; exit 1; }
-while read -r p; do
-	log "applying $p"
-	patch -d "$tree" -p1 --batch --forward --quiet < "$here/$p"
-done < <(grep -v '^\s*#' "$here/series" | grep .)
+applied=$out/applied
+mapfile -t want < <(grep -v '^\s*#' "$here/series" | grep .)
+have=()
+[ -f "$applied/series" ] && [ -f "$tree/build/build.ninja" ] && mapfile -t have < "$applied/series"
+keep=0
+while [ $keep -lt ${#have[@]} ] && [ $keep -lt ${#want[@]} ] && [ "${have[$keep]}" = "${want[$keep]}" ] &&
+	cmp -s "$applied/${have[$keep]}" "$here/${want[$keep]}"; do
+	keep=$((keep + 1))
+done
+fresh=1
+if [ ${#have[@]} -gt 0 ]; then
+	fresh=0
+	for ((i = ${#have[@]} - 1; i >= keep; i--)); do
+		log "reversing ${have[$i]}"
+		patch -d "$tree" -p1 -R --batch --quiet < "$applied/${have[$i]}" || { fresh=1; break; }
+	done
+fi
+if [ $fresh = 1 ]; then
+	keep=0
+	rm -rf "$tree" "$applied"
+	tar -C "$out" --no-same-owner -xf "$out/src/$tarball"
+	[ -d "$tree" ] || { log "$tarball did not unpack to qemu-$upstream"; exit 1; }
+fi
+mkdir -p "$applied"
+: > "$applied/series"
+for ((i = 0; i < ${#want[@]}; i++)); do
+	if [ $i -ge $keep ]; then
+		log "applying ${want[$i]}"
+		patch -d "$tree" -p1 --batch --forward --quiet < "$here/${want[$i]}"
+		cp "$here/${want[$i]}" "$applied/"
+	fi
+	echo "${want[$i]}" >> "$applied/series"
+done
 
-cat > "$tree/configs/devices/x86_64-softmmu/nvmetd-minimal.mak" <<'EOF'
-# q35 with the device under test and QEMU's own NVMe controller (the benchmark's reference)
-CONFIG_Q35=y
-CONFIG_NVME_PCI=y
-# hw/nvme/ctrl.c calls spdm_socket_*, which is only "default y"
-CONFIG_SPDM_SOCKET=y
-CONFIG_VHOST_USER_NVME=y
-EOF
+devices=$tree/configs/devices/x86_64-softmmu/nvmetd-minimal.mak
+{
+	echo "# q35 with the device under test and QEMU's own NVMe controller (the benchmark's reference)"
+	echo "CONFIG_Q35=y"
+	echo "CONFIG_NVME_PCI=y"
+	echo "# hw/nvme/ctrl.c calls spdm_socket_*, which is only \"default y\""
+	echo "CONFIG_SPDM_SOCKET=y"
+	echo "CONFIG_VHOST_USER_NVME=y"
+} > "$devices.new"
+if cmp -s "$devices.new" "$devices"; then rm "$devices.new"; else mv "$devices.new" "$devices"; fi
 
 mkdir -p "$tree/build"
 cd "$tree/build"
-log "configure"
-../configure --python=/usr/bin/python3 --target-list=x86_64-softmmu \
-	--without-default-features --without-default-devices --with-devices-x86_64=nvmetd-minimal \
-	--enable-tcg --enable-kvm --enable-vhost-user --disable-docs --disable-tools --disable-guest-agent \
-	--disable-werror --disable-debug-info --disable-install-blobs >"$out/configure.log" 2>&1 ||
-	{ tail -n 30 "$out/configure.log" >&2; exit 1; }
+if [ ! -f build.ninja ]; then
+	log "configure"
+	../configure --python=/usr/bin/python3 --target-list=x86_64-softmmu \
+		--without-default-features --without-default-devices --with-devices-x86_64=nvmetd-minimal \
+		--enable-tcg --enable-kvm --enable-vhost-user --disable-docs --disable-tools --disable-guest-agent \
+		--disable-werror --disable-debug-info --disable-install-blobs >"$out/configure.log" 2>&1 ||
+		{ tail -n 30 "$out/configure.log" >&2; rm -f build.ninja; exit 1; }
+fi
 log "ninja -j$jobs qemu-system-x86_64"
-ninja -j"$jobs" qemu-system-x86_64 >"$out/build.log" 2>&1 || { grep -E -A5 'error|FAILED' "$out/build.log" | head -n 60 >&2; exit 1; }
+ninja -j"$jobs" qemu-system-x86_64 >"$out/build.log" 2>&1 ||
+	{ grep -E -A5 'error|FAILED' "$out/build.log" | head -n 60 >&2; exit 1; }
 install -m 0755 qemu-system-x86_64 "$binary.new"
 mv "$binary.new" "$binary"
 log "built $binary"
 echo "$binary"
+}
+
+main "$@"

@@ -106,12 +106,15 @@ def test_shadow_doorbells_cut_traps_tenfold(rig: Rig, qemu: Path, vmdir: Path):
 def test_engine_restart_during_io_loses_no_completed_write(rig: Rig):
     want = make_pattern(rig, 32, "w2")
     resets_before = int(rig.vm.check(f"dmesg | grep -ci '{RESET_LOG}' || true"))
-    seq = rig.vm.start("dd if=/tmp/w2 of=/dev/nvme0n1 bs=16k seek=1024 oflag=direct conv=fsync 2>&1; "
-                       "echo DD-DONE")
-    time.sleep(1.5)  # the copy is under way (TCG: ~10 MiB/s)
+    # 32 chunks of 1 MiB, each its own O_DIRECT dd, with a progress line after each: the engine is killed
+    # once a few chunks are done, so most of the copy has to go through the recovery.
+    seq = rig.vm.start("for i in $(seq 0 31); do dd if=/tmp/w2 of=/dev/nvme0n1 bs=16k count=64 skip=$((i * 64)) "
+                       "seek=$((1024 + i * 64)) oflag=direct conv=fsync 2>/dev/null || echo DD-FAILED $i; "
+                       "echo CHUNK $i; done")
+    rig.vm.expect("CHUNK 3", timeout=120)
     rig.engine.restart()  # SIGKILL: nothing is flushed or completed on the way out
-    rc, out = rig.vm.wait(seq, timeout=180)
-    assert rc == 0 and "DD-DONE" in out and "error" not in out.lower(), out
+    rc, out = rig.vm.wait(seq, timeout=240)
+    assert rc == 0 and "CHUNK 31" in out and "DD-FAILED" not in out, out
     rig.vm.check("echo 3 > /proc/sys/vm/drop_caches")
     back = guest_sha(rig.vm.check("dd if=/dev/nvme0n1 bs=16k skip=1024 count=2048 iflag=direct 2>/dev/null | "
                                   "sha256sum"))

@@ -285,6 +285,10 @@ class VM:
         self.proc.stdin.flush()
         return self._seq
 
+    def expect(self, prefix: str, timeout: float = 120) -> str:
+        """Wait for a line of a running command's output (lines before it are dropped from that output)."""
+        return self._expect(prefix, timeout, [])
+
     def wait(self, seq: int, timeout: float = 120) -> tuple[int, str]:
         out: list[str] = []
         line = self._expect(f"@@END{seq} ", timeout, out)
