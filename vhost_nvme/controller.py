@@ -8,6 +8,7 @@ I/O queues are processed by the C workers, which this class configures only whil
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import select
@@ -57,6 +58,12 @@ CSTS_SHST_DONE = 2 << 2
 POLICIES = {"auto": 0, "psync": 1, "uring": 2}
 
 
+def serial_for(name: str) -> str:
+    """The controller's serial number: derived from its name only, so it is stable across engine restarts
+    (a front-end that reconnects, or a guest that resets, finds the same controller)."""
+    return f"VN{int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10**12:012d}"
+
+
 class EngineError(Exception):
     """The engine cannot do what was asked (reported to users without a traceback)."""
 
@@ -87,11 +94,15 @@ def _err(status: int) -> tuple[int, int]:
 
 
 class Controller:
-    def __init__(self, name: str, workers: int = 1, poll_us: int = 200, policy: str = "auto") -> None:
+    def __init__(self, name: str, workers: int = 1, poll_us: int = 200, policy: str = "auto",
+                 dbbuf: bool = True) -> None:
+        """dbbuf=False: do not advertise Doorbell Buffer Config (OACS bit 8) and reject opcode 0x7C, so a
+        guest rings every doorbell through the front-end (the baseline for measuring shadow doorbells)."""
         if policy not in POLICIES:
             raise EngineError(f"unknown submission policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.name = name
         self.policy = policy
+        self.dbbuf = dbbuf
         self._c = lib.vn_ctrl_new(workers, poll_us)
         if self._c == ffi.NULL:
             raise EngineError(f"cannot create engine controller (workers must be 1..8, got {workers})")
@@ -105,7 +116,7 @@ class Controller:
         self._stopped = False
         self._closing = False
         self.identity = ControllerIdentity(
-            serial=f"VN{abs(hash(name)) % 10**12:012d}",
+            serial=serial_for(name),
             model="nvmetd vhost-nvme",
             firmware="0.1.0",
             subnqn=f"nqn.2024-01.io.nvmetd:vhost:{name}"[:223],
@@ -516,7 +527,7 @@ class Controller:
             AdminOpc.ASYNC_EVENT: self._async_event,
             AdminOpc.ABORT: lambda c: (0, 1),  # DW0 bit 0: command not aborted
             AdminOpc.KEEP_ALIVE: lambda c: (0, 0),
-            AdminOpc.DBBUF_CONFIG: self._dbbuf_config,
+            AdminOpc.DBBUF_CONFIG: self._dbbuf_config if self.dbbuf else None,
         }.get(cmd.opc)
         if handler is None:
             return _err(Status.INVALID_OPCODE)
@@ -525,7 +536,7 @@ class Controller:
     def _identify(self, cmd: Command) -> tuple[int, int]:
         cns = cmd.cdw10 & 0xFF
         if cns == Cns.CONTROLLER:
-            data = identify_controller(self.identity)
+            data = identify_controller(self.identity, self.dbbuf)
         elif cns == Cns.NAMESPACE:
             if not 0 < cmd.nsid <= MAX_NS:
                 return _err(Status.INVALID_NS)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--poll-us", type=int, default=200, help="busy-poll time before sleeping")
     ap.add_argument("--policy", choices=sorted(POLICIES), default="auto",
                     help="submission path: auto (measured at attach), psync or uring")
+    ap.add_argument("--no-dbbuf", action="store_true",
+                    help="do not advertise Doorbell Buffer Config (shadow doorbells): every doorbell traps")
     ap.add_argument("--name", default="vn0", help="controller name (serial number and NQN derive from it)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        ctrl = Controller(args.name, workers=args.workers, poll_us=args.poll_us, policy=args.policy)
+        ctrl = Controller(args.name, workers=args.workers, poll_us=args.poll_us, policy=args.policy,
+                          dbbuf=not args.no_dbbuf)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

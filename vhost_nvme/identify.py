@@ -33,7 +33,7 @@ def _ascii(text: str, width: int) -> bytes:
     return text.encode("ascii", "replace")[:width].ljust(width, b" ")
 
 
-def identify_controller(ident: ControllerIdentity) -> bytes:
+def identify_controller(ident: ControllerIdentity, dbbuf: bool = True) -> bytes:
     b = bytearray(PAGE_SIZE)
     struct.pack_into("<HH", b, 0, 0, 0)  # VID/SSVID: the front-end's PCI config carries the real IDs
     b[4:24] = _ascii(ident.serial, 20)
@@ -44,7 +44,7 @@ def identify_controller(ident: ControllerIdentity) -> bytes:
     struct.pack_into("<I", b, 80, NVME_VERSION)
     struct.pack_into("<I", b, 92, OAES_NS_ATTR)
     b[111] = 1  # CNTRLTYPE: I/O controller
-    struct.pack_into("<H", b, 256, OACS_DBBUF)
+    struct.pack_into("<H", b, 256, OACS_DBBUF if dbbuf else 0)
     b[258] = 3  # ACL: 4 outstanding aborts
     b[259] = 3  # AERL: 4 outstanding AERs
     b[260] = 0x03  # FRMW: one slot, read-only

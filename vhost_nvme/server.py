@@ -136,12 +136,15 @@ class EngineServer:
             return -errno.EINVAL, b""
 
     # ---- handlers --------------------------------------------------------------------------------
+    def _features(self) -> int:
+        return p.ALL_FEATURES if self.ctrl.dbbuf else p.ALL_FEATURES & ~p.Feature.DBBUF
+
     def _get_info(self, msg: Message) -> tuple[int, bytes]:
-        return 0, p.INFO.pack(p.VERSION, MAX_NS, p.ALL_FEATURES, MAX_QID - 1, MQES, MAX_VECTORS, MDTS, 0)
+        return 0, p.INFO.pack(p.VERSION, MAX_NS, self._features(), MAX_QID - 1, MQES, MAX_VECTORS, MDTS, 0)
 
     def _set_features(self, msg: Message) -> tuple[int, bytes]:
         (acked,) = p.U64.unpack_from(msg.payload)
-        return (-errno.EINVAL if acked & ~p.ALL_FEATURES else 0), b""
+        return (-errno.EINVAL if acked & ~self._features() else 0), b""
 
     def _bind(self, msg: Message) -> tuple[int, bytes]:
         subnqn, _hostnqn = p.BIND.unpack_from(msg.payload)

@@ -129,3 +129,36 @@ def test_block_device_topology_from_sysfs(tmp_path: Path):
             512, 4096, 65536, 1048576)
     (queue / "discard_max_bytes").write_text("0\n")
     assert block_device_topology(250, 0, sysfs=tmp_path).discard_granularity == 0
+
+
+def test_without_dbbuf_nothing_advertises_shadow_doorbells(engine_factory):
+    """The engine's --no-dbbuf baseline: OACS bit 8 clear, opcode 0x7C refused, no DBBUF protocol feature."""
+    from vhost_nvme import protocol as p
+    from vhost_nvme.guest import GuestDriver
+    from vhost_nvme.nvme_spec import PAGE_SIZE, AdminOpc
+
+    eng = engine_factory(name="nodb", dbbuf=False)
+    g = GuestDriver(eng.sock)
+    try:
+        assert not g.features & p.Feature.DBBUF
+        assert g.features & p.Feature.DB_MIRROR
+        g.enable()
+        cqe, d = g.identify(Cns.CONTROLLER)
+        assert cqe.status == 0
+        assert not struct.unpack_from("<H", d, 256)[0] & (1 << 8)
+        cqe = g.admin(AdminOpc.DBBUF_CONFIG, prp1=g.mem.alloc(PAGE_SIZE), prp2=g.mem.alloc(PAGE_SIZE))
+        assert cqe.code == Status.INVALID_OPCODE
+        assert not eng.ctrl.dbbuf_on
+    finally:
+        g.close()
+
+
+def test_serial_is_stable_across_engine_processes(tmp_path):
+    """The serial derives from the controller name only, so a restarted engine presents the same controller."""
+    import subprocess
+    import sys
+
+    code = "from vhost_nvme.controller import Controller; c = Controller('same'); print(c.identity.serial); c.close()"
+    serials = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(serials) == 1 and serials.pop().startswith("VN")

@@ -1,0 +1,322 @@
+"""Boot Debian's 6.12 kernel under TCG in the patched QEMU, with the guest's stock nvme driver on either the
+vhost-user-nvme device (served by a vhost_nvme engine process) or QEMU's own emulated ``-device nvme``.
+
+The guest runs a small initramfs (busybox-static, the nvme modules, a static randread tool).  Its /init
+reads shell lines from the second serial port and writes their output back there (``VM.run``); the kernel
+console goes to a log file on the first port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import protocol as p
+from ..qemu_args import qemu_args
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "qemu_patches" / "build.sh"
+DEFAULT_BUILD_DIR = REPO / ".build" / "qemu"
+HERE = Path(__file__).resolve().parent
+FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios")
+NVME_MODULES = ("nvme-auth", "nvme-core", "nvme")  # modprobe --show-depends nvme, in load order
+
+
+class VMError(Exception):
+    """The guest, QEMU or the engine did not behave (message says which, with the console tail)."""
+
+
+# ---- inputs: QEMU binary, kernel, initramfs ---------------------------------------------------------------
+def qemu_binary(build: bool = True) -> Path:
+    """The patched QEMU: $NVMETD_QEMU, else qemu_patches/build.sh's output (built or refreshed if ``build``)."""
+    env = os.environ.get("NVMETD_QEMU")
+    if env:
+        return Path(env)
+    if build:
+        out = subprocess.run([str(BUILD_SCRIPT)], check=False, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            raise VMError(f"{BUILD_SCRIPT} failed (exit {out.returncode}); see its output above")
+        return Path(out.stdout.strip().splitlines()[-1])
+    return Path(os.environ.get("QEMU_BUILD_DIR", DEFAULT_BUILD_DIR)) / "qemu-system-x86_64"
+
+
+def guest_kernel() -> tuple[Path, Path]:
+    """(vmlinuz, /lib/modules/<release>) of the newest installed 6.12 kernel."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-6.12.*-amd64"))
+    for vmlinuz in reversed(kernels):
+        mods = Path("/lib/modules") / vmlinuz.name.removeprefix("vmlinuz-")
+        if mods.is_dir():
+            return vmlinuz, mods
+    raise VMError("no /boot/vmlinuz-6.12.*-amd64 with modules (scripts/setup installs linux-image-6.12-amd64)")
+
+
+def _module_file(mods: Path, name: str) -> Path:
+    hits = [p for p in mods.rglob(f"{name}.ko*") if p.name in (f"{name}.ko", f"{name}.ko.xz", f"{name}.ko.zst")]
+    if not hits:
+        raise VMError(f"module {name} not found under {mods}")
+    return hits[0]
+
+
+def _decompress(path: Path) -> bytes:
+    if path.suffix == ".xz":
+        import lzma
+
+        return lzma.decompress(path.read_bytes())
+    if path.suffix == ".zst":
+        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+    return path.read_bytes()
+
+
+def build_initramfs(dest_dir: Path) -> Path:
+    """busybox-static + the nvme modules (decompressed) + /init + randread; cached by the inputs' hash."""
+    _, mods = guest_kernel()
+    busybox = Path("/bin/busybox")
+    if not busybox.exists() or b"/lib64/ld-linux" in busybox.read_bytes():
+        raise VMError("/bin/busybox is missing or not static (install busybox-static)")
+    modules = [_module_file(mods, m) for m in NVME_MODULES]
+    inputs = [busybox, HERE / "init.sh", HERE / "randread.c", *modules]
+    digest = hashlib.sha256()
+    for f in inputs:
+        digest.update(f.name.encode() + f.read_bytes())
+    out = dest_dir / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
+    if out.exists():
+        return out
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    stage = dest_dir / f".stage-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    for d in ("bin", "dev", "proc", "sys", "tmp", "lib/modules"):
+        (stage / d).mkdir(parents=True)
+    shutil.copy2(busybox, stage / "bin" / "busybox")
+    (stage / "bin" / "sh").symlink_to("busybox")
+    shutil.copy2(HERE / "init.sh", stage / "init")
+    (stage / "init").chmod(0o755)
+    for name, path in zip(NVME_MODULES, modules, strict=True):
+        (stage / "lib" / "modules" / f"{name}.ko").write_bytes(_decompress(path))
+    subprocess.run(["gcc", "-O2", "-static", "-Wall", "-o", str(stage / "bin" / "randread"), str(HERE / "randread.c")],
+                   check=True)
+    files = subprocess.run(["find", "."], cwd=stage, check=True, capture_output=True).stdout
+    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=stage, input=files, check=True,
+                          capture_output=True).stdout
+    tmp = out.with_suffix(f".{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(subprocess.run(["gzip", "-1", "-n"], input=cpio, check=True, capture_output=True).stdout)
+    tmp.rename(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+# ---- the engine as its own process ------------------------------------------------------------------------
+@dataclass
+class EngineStats:
+    cqes: int
+    signals: int
+    kicks: int
+    sleeps: int
+    polls: int
+    invalid_doorbells: int
+
+
+class EngineProcess:
+    """``python -m vhost_nvme.engine`` on a socket; restartable (same socket, same namespaces)."""
+
+    def __init__(self, sock: Path, namespaces: list[Path], name: str = "vmtest", dbbuf: bool = True,
+                 poll_us: int = 200, log: Path | None = None, extra: list[str] | None = None) -> None:
+        self.sock = sock
+        self.argv = [sys.executable, "-m", "vhost_nvme.engine", "--socket", str(sock), "--name", name,
+                     "--policy", "psync", "--poll-us", str(poll_us), *(extra or [])]
+        for ns in namespaces:
+            self.argv += ["--ns", str(ns)]
+        if not dbbuf:
+            self.argv.append("--no-dbbuf")
+        self.log = log or sock.with_suffix(".log")
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "a") as logf:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=logf, text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise VMError(f"engine exited ({self.proc.wait()}) before it was ready; log {self.log}:\n"
+                              + self.log.read_text()[-2000:])
+            if line.startswith("ready "):
+                return
+        raise VMError("engine did not become ready in 60 s")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[socket.socket]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(str(self.sock))
+            yield s
+        finally:
+            s.close()
+
+    def _call(self, s: socket.socket, req: int, payload: bytes = b"", fds: list[int] | None = None) -> bytes:
+        p.send_msg(s, req, payload, fds)
+        msg = p.recv_msg(s)
+        result, data = p.parse_reply(msg)
+        if result < 0:
+            raise OSError(-result, f"engine refused {p.Req(req).name}: {p.errno_name(result)}")
+        return data
+
+    def stats(self) -> EngineStats:
+        with self._conn() as s:
+            return EngineStats(*p.STATS.unpack(self._call(s, p.Req.GET_STATS)))
+
+    def attach(self, nsid: int, path: Path, name: str = "") -> None:
+        """NS_ATTACH through the protocol, as the management plane does (backing fd by SCM_RIGHTS)."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            payload = p.NS_ATTACH.pack(nsid, 0, 0, 0, 0, 0, 0, -1, (name or path.name).encode()[:255])
+            with self._conn() as s:
+                self._call(s, p.Req.NS_ATTACH, payload, [fd])
+        finally:
+            os.close(fd)
+
+
+# ---- the VM -----------------------------------------------------------------------------------------------
+class VM:
+    """One TCG guest; ``run()`` executes a shell line in it and returns (exit status, output)."""
+
+    def __init__(self, workdir: Path, *, engine_sock: Path | None = None, emulated_image: Path | None = None,
+                 memory: str = "512M", append: str = "", qemu: Path | None = None,
+                 boot_timeout: float = 120) -> None:
+        if (engine_sock is None) == (emulated_image is None):
+            raise ValueError("give exactly one of engine_sock (vhost-user-nvme) or emulated_image (-device nvme)")
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.console = workdir / "console.log"
+        self.qemu_log = workdir / "qemu.log"
+        vmlinuz, _ = guest_kernel()
+        initrd = build_initramfs(workdir.parent / "initramfs")
+        argv = [str(qemu or qemu_binary()), *[a for d in FIRMWARE_DIRS for a in ("-L", d)],
+                "-machine", "q35", "-accel", "tcg", "-m", memory, "-smp", "1", "-nodefaults", "-display", "none",
+                "-no-reboot", "-monitor", "none", "-kernel", str(vmlinuz), "-initrd", str(initrd),
+                # no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and panic the boot
+                "-append", f"console=ttyS0 panic=-1 loglevel=4 no_timer_check {append}".strip(),
+                "-serial", f"file:{self.console}", "-serial", "stdio"]
+        if engine_sock is not None:
+            argv += qemu_args(str(engine_sock), memory=memory)
+        else:
+            # the host page cache, as the engine (psync on the file) uses it
+            argv += ["-drive", f"if=none,id=d0,file={emulated_image},format=raw,cache=writeback,aio=threads",
+                     "-device", "nvme,serial=emulated0,drive=d0"]
+        self.argv = argv
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._seq = 0
+        with open(self.qemu_log, "w") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.boot_line = self._expect("@@READY", boot_timeout)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _tail(self) -> str:
+        parts = []
+        for f in (self.console, self.qemu_log):
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {f.name} (tail) ---\n" + f.read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
+
+    def _expect(self, prefix: str, timeout: float, collect: list[str] | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VMError(f"no {prefix!r} from the guest within {timeout:.0f} s\n{self._tail()}")
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise VMError(f"QEMU exited ({self.proc.wait()}) while waiting for {prefix!r}\n{self._tail()}")
+            at = line.find(prefix)
+            if at >= 0:  # output without a final newline shares the marker's line
+                if at and collect is not None:
+                    collect.append(line[:at])
+                return line[at:]
+            if collect is not None:
+                collect.append(line)
+
+    def start(self, command: str) -> int:
+        """Send a shell line without waiting; ``wait(seq)`` collects it."""
+        assert self.proc.stdin is not None
+        self._seq += 1
+        self.proc.stdin.write(f"{command}\necho \"@@END{self._seq} $?\"\n")
+        self.proc.stdin.flush()
+        return self._seq
+
+    def expect(self, prefix: str, timeout: float = 120) -> str:
+        """Wait for a line of a running command's output (lines before it are dropped from that output)."""
+        return self._expect(prefix, timeout, [])
+
+    def wait(self, seq: int, timeout: float = 120) -> tuple[int, str]:
+        out: list[str] = []
+        line = self._expect(f"@@END{seq} ", timeout, out)
+        return int(line.split()[1]), "\n".join(out)
+
+    def run(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        return self.wait(self.start(command), timeout)
+
+    def check(self, command: str, timeout: float = 120) -> str:
+        rc, out = self.run(command, timeout)
+        if rc != 0:
+            raise VMError(f"guest command failed ({rc}): {command}\n{out}\n{self._tail()}")
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("sync; poweroff -f\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
