@@ -85,9 +85,11 @@ class Backend(ABC):
 
     def _activate(self, vol: Record) -> None:
         """Make `_raw_device` usable (activate an LV, load a ZFS key); idempotent."""
+        return None
 
     def _apply_tenant_quota(self, tenant: str, max_bytes: int | None) -> None:
         """Backends that can enforce quotas themselves (ZFS) do it here, in addition to the ledger's check."""
+        return None
 
     def _check_options(self, thin: bool, encrypted: bool, compression: str) -> None:
         if compression not in self.compressions:

@@ -86,7 +86,7 @@ def test_snapshot_clone_grow_delete_zeros(pool: FileBackend) -> None:
 
     assert pool.grow("vol", "32M").logical_bytes == 32 * MIB
     assert os.path.getsize(path) == 32 * MIB
-    with pytest.raises(BackendError, match="shrinking .* refused"):
+    with pytest.raises(BackendError, match=r"shrinking .* refused"):
         pool.grow("vol", "16M")
     assert pool.grow("vol", "24M", force=True).logical_bytes == 24 * MIB
 
@@ -124,7 +124,7 @@ def test_tenant_quota_bytes_and_disks_survive_reopen(pool: FileBackend, tmp_path
     assert reopened.status().tenants["acme"] == {"logical_bytes": 80 * MIB, "disks": 2, "max_bytes": 100 * MIB,
                                                  "max_disks": 2}
     reopened.snapshot("a1", "s")
-    with pytest.raises(QuotaError, match="2 disks"):
+    with pytest.raises(QuotaError, match="quota"):
         reopened.clone("a1", "s", "a4")  # a clone is a new disk of the tenant
 
 
