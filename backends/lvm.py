@@ -18,7 +18,7 @@ from backends.errors import BackendError, ToolError
 from backends.run import out, run
 
 THIN_POOL = "thinpool"
-LVS_FIELDS = "lv_name,lv_size,data_percent,metadata_percent,lv_attr,segtype,pool_lv,origin,vdo_saving_percent"
+LVS_FIELDS = "lv_name,lv_size,data_percent,metadata_percent,lv_attr,segtype,pool_lv,origin"
 DEFAULT_VDO_PHYSICAL = 6 << 30  # VDO's index and slabs need several GiB; keep the PVs sparse
 VDO_CONFIG = "allocation/vdo_slab_size_mb=128 allocation/vdo_index_memory_size_mb=256"
 
@@ -181,6 +181,20 @@ class LvmBackend(Backend):
         if not Path(self._dev(lv)).exists():
             raise BackendError(f"{self._dev(lv)} did not appear (is udev running?)")
 
+    def _vdo_usage(self, vol: Record) -> tuple[int, float]:
+        """From VDO's own counters: LVM 2.03.16 cannot parse the 6.12 in-kernel dm-vdo status (its VDOSaving% is
+        empty), so ask `vdostats`, which reads the device's stats message."""
+        dm = f"{self.vg.replace('-', '--')}-{self._vdo_pool(vol['name']).replace('-', '--')}-vpool"
+        proc = run(["vdostats", "--verbose", f"/dev/mapper/{dm}"], check=False)
+        stats: dict[str, int] = {}
+        for line in proc.stdout.splitlines():
+            key, sep, value = line.partition(" : ")
+            if sep and value.strip().isdigit():
+                stats[key.strip()] = int(value)
+        data, logical = stats.get("data blocks used", 0), stats.get("logical blocks used", 0)
+        block = stats.get("block size", 4096)
+        return data * block, (logical / data) if data else 1.0
+
     def _raw_device(self, vol: Record) -> str:
         return self._dev(self._lv(vol["name"]))
 
@@ -190,12 +204,7 @@ class LvmBackend(Backend):
             return 0, 1.0
         size = _num(rows[0]["lv_size"])
         if vol["compression"] == "vdo":
-            pool = self._lvs(self._vdo_pool(vol["name"]))
-            if not pool:
-                return 0, 1.0
-            saving = _num(pool[0]["vdo_saving_percent"])
-            used = int(_num(pool[0]["lv_size"]) * _num(pool[0]["data_percent"]) / 100)
-            return used, min(100.0 / (100.0 - saving), 1000.0) if saving < 100 else 1000.0
+            return self._vdo_usage(vol)
         if vol["thin"]:
             return int(size * _num(rows[0]["data_percent"]) / 100), 1.0
         return int(size), 1.0

@@ -108,6 +108,16 @@ class ZfsBackend(Backend):
         ds = self._ds(vol)
         if _exists(ds):
             run(["zfs", "destroy", "-r", ds])
+            self._settle_frees()
+
+    def _settle_frees(self) -> None:
+        """Destroyed blocks are freed in later txgs (async destroy): sync until `freeing` is 0, so the fill level
+        the threshold check reads is current."""
+        for _ in range(20):
+            run(["zpool", "sync", self.zpool])
+            freeing = out(["zpool", "get", "-Hp", "-o", "value", "freeing", self.zpool]).strip()
+            if freeing in ("0", "-", ""):
+                return
 
     def _resize(self, vol: Record, backing_bytes: int) -> None:
         run(["zfs", "set", f"volsize={backing_bytes}", self._ds(vol)])
