@@ -10,6 +10,7 @@ Thick volumes are linear LVs, zeroed (`blkdiscard --zeroout`) before they are re
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ THIN_POOL = "thinpool"
 LVS_FIELDS = "lv_name,lv_size,data_percent,metadata_percent,lv_attr,segtype,pool_lv,origin"
 DEFAULT_VDO_PHYSICAL = 6 << 30  # VDO's index and slabs need several GiB; keep the PVs sparse
 VDO_CONFIG = "allocation/vdo_slab_size_mb=128 allocation/vdo_index_memory_size_mb=256"
+
+
+def _lvm(devices: list[str], argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Every LVM command sees only the pool's own PVs (`--devices`): it scans less, and it can never pick up an LVM
+    signature a tenant wrote inside a volume (a nested VG showing up on the host)."""
+    return run([argv[0], "--devices", ",".join(devices), *argv[1:]], check=check)
 
 
 def _report(argv: list[str], key: str) -> list[dict[str, str]]:
@@ -50,35 +57,41 @@ class LvmBackend(Backend):
         percent = int(options.get("thin_pool_percent", 90))
         if not 1 <= percent <= 95:
             raise BackendError("thin_pool_percent must be 1-95 (the rest of the VG holds metadata and VDO pools)")
-        run(["pvcreate", "--yes", *devices])
-        run(["vgcreate", "--yes", "--physicalextentsize", "1m", vg, *devices])
+        _lvm(devices, ["pvcreate", "--yes", *devices])
+        _lvm(devices, ["vgcreate", "--yes", "--physicalextentsize", "1m", vg, *devices])
         try:
-            run(["lvcreate", "--yes", "--type", "thin-pool", "--extents", f"{percent}%VG", "--zero", "y",
-                 "--chunksize", "64k", "--name", THIN_POOL, vg])
+            _lvm(devices, ["lvcreate", "--yes", "--type", "thin-pool", "--extents", f"{percent}%VG", "--zero", "y",
+                           "--chunksize", "64k", "--name", THIN_POOL, vg])
         except BackendError:
-            run(["vgremove", "--yes", "--force", vg], check=False)
+            _lvm(devices, ["vgremove", "--yes", "--force", vg], check=False)
             raise
         return {"vg": vg, "devices": devices,
                 "vdo_physical": int(options.get("vdo_physical", DEFAULT_VDO_PHYSICAL))}
+
+    def _lvm(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _lvm(self.config["devices"], argv, check)
 
     @property
     def vg(self) -> str:
         return self.config["vg"]
 
     def remove_pool(self) -> None:
-        run(["vgremove", "--yes", "--force", self.vg])
-        run(["pvremove", "--yes", *self.config["devices"]], check=False)
+        self._lvm(["vgremove", "--yes", "--force", self.vg])
+        self._lvm(["pvremove", "--yes", *self.config["devices"]], check=False)
 
     def _lvs(self, lv: str | None = None) -> list[dict[str, str]]:
         target = f"{self.vg}/{lv}" if lv else self.vg
         try:
-            return _report(["lvs", "-o", LVS_FIELDS, target], "lv")
+            return _report(["lvs", "--devices", ",".join(self.config["devices"]), "-o", LVS_FIELDS, target], "lv")
         except ToolError:
             if lv is None:
                 raise
             return []
 
     def pool_usage(self) -> tuple[int, int, float]:
+        # lvs asks dm-thin for its status without a commit, so blocks of a just-removed LV still count for up to a
+        # second; a plain `dmsetup status` commits the pool metadata first
+        run(["dmsetup", "status", "--target", "thin-pool"], check=False)
         rows = self._lvs(THIN_POOL)
         if not rows:
             raise BackendError(f"thin pool {self.vg}/{THIN_POOL} is missing: is the VG {self.vg} active?")
@@ -116,14 +129,16 @@ class LvmBackend(Backend):
     def _make(self, vol: Record, backing_bytes: int) -> None:
         lv = self._lv(vol["name"])
         if vol["compression"] == "vdo":
-            run(["lvcreate", "--yes", "--type", "vdo", "--name", lv, "--size", f"{self.config['vdo_physical']}b",
-                 "--virtualsize", f"{backing_bytes}b", "--compression", "y", "--deduplication", "y",
-                 "--config", VDO_CONFIG, f"{self.vg}/{self._vdo_pool(vol['name'])}"])
+            self._lvm(["lvcreate", "--yes", "--type", "vdo", "--name", lv,
+                       "--size", f"{self.config['vdo_physical']}b", "--virtualsize", f"{backing_bytes}b",
+                       "--compression", "y", "--deduplication", "y", "--config", VDO_CONFIG,
+                       f"{self.vg}/{self._vdo_pool(vol['name'])}"])
         elif vol["thin"]:
-            run(["lvcreate", "--yes", "--type", "thin", "--virtualsize", f"{backing_bytes}b", "--thinpool",
-                 THIN_POOL, "--name", lv, self.vg])
+            self._lvm(["lvcreate", "--yes", "--type", "thin", "--virtualsize", f"{backing_bytes}b",
+                       "--thinpool", THIN_POOL, "--name", lv, self.vg])
         else:
-            run(["lvcreate", "--yes", "--type", "linear", "--size", f"{backing_bytes}b", "--name", lv, self.vg])
+            self._lvm(["lvcreate", "--yes", "--type", "linear", "--size", f"{backing_bytes}b", "--name", lv,
+                       self.vg])
             # a linear LV reuses extents another LV had: zero it now as well as at delete
             run(["blkdiscard", "--zeroout", self._dev(lv)])
 
@@ -131,16 +146,16 @@ class LvmBackend(Backend):
         lv = self._lv(vol["name"])
         if vol["compression"] == "vdo":
             if self._exists(self._vdo_pool(vol["name"])):
-                run(["lvremove", "--yes", f"{self.vg}/{self._vdo_pool(vol['name'])}"])
+                self._lvm(["lvremove", "--yes", f"{self.vg}/{self._vdo_pool(vol['name'])}"])
             return
         if not self._exists(lv):
             return
-        run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{self.vg}/{lv}"])
+        self._lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{self.vg}/{lv}"])
         if vol["thin"]:
             run(["blkdiscard", self._dev(lv)], check=False)  # unprovision now; the pool zeroes chunks on reuse
         else:
             run(["blkdiscard", "--zeroout", self._dev(lv)])
-        run(["lvremove", "--yes", f"{self.vg}/{lv}"])
+        self._lvm(["lvremove", "--yes", f"{self.vg}/{lv}"])
 
     def _resize(self, vol: Record, backing_bytes: int) -> None:
         lv = self._lv(vol["name"])
@@ -149,25 +164,25 @@ class LvmBackend(Backend):
             raise BackendError(f"LV {self.vg}/{lv} is missing")
         current = int(_num(rows[0]["lv_size"]))
         if current < backing_bytes:
-            run(["lvextend", "--size", f"{backing_bytes}b", f"{self.vg}/{lv}"])
+            self._lvm(["lvextend", "--size", f"{backing_bytes}b", f"{self.vg}/{lv}"])
         elif current > backing_bytes:
-            run(["lvreduce", "--yes", "--force", "--size", f"{backing_bytes}b", f"{self.vg}/{lv}"])
+            self._lvm(["lvreduce", "--yes", "--force", "--size", f"{backing_bytes}b", f"{self.vg}/{lv}"])
 
     def _snapshot(self, vol: Record, snap: str) -> None:
         if vol["compression"] == "vdo" or not vol["thin"]:
             raise BackendError(f"volume {vol['name']!r} is {'VDO' if vol['thin'] else 'thick'}: LVM snapshots "
                                "here are thin snapshots of thin volumes; use a thin volume or a ZFS pool")
-        run(["lvcreate", "--yes", "--snapshot", "--setactivationskip", "y", "--name",
-             self._snap_lv(vol["name"], snap), f"{self.vg}/{self._lv(vol['name'])}"])
+        self._lvm(["lvcreate", "--yes", "--snapshot", "--setactivationskip", "y", "--name",
+                   self._snap_lv(vol["name"], snap), f"{self.vg}/{self._lv(vol['name'])}"])
 
     def _destroy_snapshot(self, vol: Record, snap: str) -> None:
         lv = self._snap_lv(vol["name"], snap)
         if self._exists(lv):
-            run(["lvremove", "--yes", f"{self.vg}/{lv}"])
+            self._lvm(["lvremove", "--yes", f"{self.vg}/{lv}"])
 
     def _clone(self, origin: Record, snap: str, vol: Record) -> None:
-        run(["lvcreate", "--yes", "--snapshot", "--setactivationskip", "n", "--name", self._lv(vol["name"]),
-             f"{self.vg}/{self._snap_lv(origin['name'], snap)}"])
+        self._lvm(["lvcreate", "--yes", "--snapshot", "--setactivationskip", "n", "--name", self._lv(vol["name"]),
+                   f"{self.vg}/{self._snap_lv(origin['name'], snap)}"])
         self._activate(vol)
 
     def _activate(self, vol: Record) -> None:
@@ -176,7 +191,7 @@ class LvmBackend(Backend):
         if not rows:
             raise BackendError(f"LV {self.vg}/{lv} is missing (was the VG {self.vg} imported?)")
         if rows[0]["lv_attr"][4:5] != "a":
-            run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{self.vg}/{lv}"])
+            self._lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{self.vg}/{lv}"])
         run(["udevadm", "settle", "--timeout", "10"], check=False)
         if not Path(self._dev(lv)).exists():
             raise BackendError(f"{self._dev(lv)} did not appear (is udev running?)")
