@@ -148,9 +148,11 @@ class LvmBackend(Backend):
             if self._exists(self._vdo_pool(vol["name"])):
                 self._lvm(["lvremove", "--yes", f"{self.vg}/{self._vdo_pool(vol['name'])}"])
             return
-        if not self._exists(lv):
+        rows = self._lvs(lv)
+        if not rows:
             return
-        self._lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{self.vg}/{lv}"])
+        if rows[0]["lv_attr"][4:5] != "a":
+            self._lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{self.vg}/{lv}"])
         if vol["thin"]:
             run(["blkdiscard", self._dev(lv)], check=False)  # unprovision now; the pool zeroes chunks on reuse
         else:
