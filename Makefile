@@ -1,10 +1,10 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-backends lint clean
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages.txt)
+$(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
 	scripts/setup
 	touch $@
 
@@ -16,6 +16,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m target.bench
+
+bench-backends: $(STAMP)
+	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m backends.bench
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
