@@ -105,8 +105,11 @@ def sections(path: Path) -> list[str]:
 
 def run_fio(path: Path, section: str, env: dict[str, str], prefix: list[str] | None = None,
             timeout: float | None = None) -> FioRun:
-    """Run one section of a job file with the given ${VAR}s. `prefix` runs fio elsewhere (e.g. in a guest)."""
-    argv = [*(prefix or []), fio_binary(), "--output-format=json", f"--section={section}", str(path)]
+    """Run one section of a job file (all of them if `section` is empty) with the given ${VAR}s.
+
+    `prefix` runs fio elsewhere (e.g. inside a guest)."""
+    argv = [*(prefix or []), fio_binary(), "--output-format=json", *([f"--section={section}"] if section else []),
+            str(path)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout,
                               env={**os.environ, **env})

@@ -112,8 +112,11 @@ class FabricTransport(Transport):
             conn.disconnect()
             export.down()
 
+        # evidence of the path actually taken, as the kernel reports it
+        seen = (initiator.SYS_NVME / conn.controller / "transport").read_text().strip()
         return Attachment(self.name, device, detach=detach,
                           details={"subsystem": subnqn, "controller": conn.controller, "device": str(device),
+                                   "kernel_transport": seen,
                                    **({"traddr": f"{addr['traddr']}:{addr['trsvcid']}"} if addr else {})})
 
 
