@@ -92,11 +92,13 @@ def _write(out: Path, name: str, text: str) -> Path:
     return path
 
 
-def _compare_into(new: dict[str, Any], old: dict[str, Any], out: Path, threshold: float) -> dict[str, Any]:
+def _compare_into(new: dict[str, Any], old: dict[str, Any], out: Path, threshold: float,
+                  draw: bool = True) -> dict[str, Any]:
     result = report.compare(new, old, threshold)
     _write(out, "compare.json", json.dumps(result, indent=2))
     _write(out, "compare.md", report.compare_markdown(result))
-    plots.plot_compare(result, out)
+    if draw:
+        plots.plot_compare(result, out)
     return result
 
 
@@ -136,9 +138,12 @@ def bench() -> None:
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path, dir_okay=False),
               help="an earlier report.json: also write what changed")
 @click.option("--threshold", type=float, default=0.10, show_default=True, help="relative change counted as noise")
+@click.option("--plots/--no-plots", "plots_now", default=None,
+              help="draw the PNGs now [default: yes, except inside the rig VM, where matplotlib takes minutes "
+                   "under emulation: render them on the host with `report`]")
 def perf(backends: list[str], transports: list[str], out: Path | None, workdir: Path | None, trsvcid: int,
          rdma_traddr: str | None, as_json: bool, size: int, runtime: int, ramp: int, jobs: tuple[str, ...],
-         job_file: str, compare_with: Path | None, threshold: float) -> None:
+         job_file: str, compare_with: Path | None, threshold: float, plots_now: bool | None) -> None:
     """The performance matrix: every job on the raw device, then through each transport; ratios, table, plots."""
     old = _load(compare_with) if compare_with else None
     cfs = _target()
@@ -149,16 +154,20 @@ def perf(backends: list[str], transports: list[str], out: Path | None, workdir: 
     out = _out_dir(out, "perf")
     _write(out, "report.json", json.dumps(data, indent=2))
     table = _write(out, "report.md", report.markdown(data))
-    pngs = plots.plot_all(data, out)
+    if plots_now is None:
+        plots_now = not os.environ.get("NVMETD_IN_RIG")
+    pngs = plots.plot_all(data, out) if plots_now else []
     if old is not None:
-        _compare_into(data, old, out, threshold)
+        _compare_into(data, old, out, threshold, plots_now)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(table.read_text())
         if old is not None:
             click.echo((out / "compare.md").read_text())
-    click.echo(f"wrote {out}/report.json, {table}, " + ", ".join(str(p) for p in pngs), err=True)
+    click.echo(f"wrote {out}/report.json, {table}" + "".join(f", {p}" for p in pngs), err=True)
+    if not plots_now:
+        click.echo(f"plots: run `.venv/bin/python -m nvmetd.bench report {out}/report.json` on the host", err=True)
 
 
 @bench.command()

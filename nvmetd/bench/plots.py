@@ -51,18 +51,20 @@ def plot_ratios(report: dict[str, Any], out: Path) -> Path:
                 for job in jobs:
                     row = next((r for r in rows if (r["backend"], r["transport"], r["job"]) ==
                                 (backend, transport, job)), None)
-                    values.append((row or {}).get("vs_baseline", {}).get(name) or 0.0)
+                    values.append((row or {}).get("vs_baseline", {}).get(name) or float("nan"))
                 xs = [j + (t_i - (len(transports) - 1) / 2) * width for j in range(len(jobs))]
                 bars = ax.bar(xs, values, width, label=transport, color=_color(transport, t_i))
-                ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=6, rotation=90,
-                             padding=2)
+                ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=6,
+                             rotation=90, padding=2)
             ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+            ax.set_yscale("log")  # ratios are multiplicative: 0.5x and 2x sit equally far from 1x
             ax.set_xticks(range(len(jobs)))
             ax.set_xticklabels(jobs, rotation=35, ha="right", fontsize=8)
             ax.set_title(f"{backend}: {title}", fontsize=9)
-            ax.margins(y=0.15)
+            ax.margins(y=0.25)
+            ax.grid(True, axis="y", which="both", alpha=0.3)
             if col == 0:
-                ax.set_ylabel("x raw device")
+                ax.set_ylabel("x raw device (log)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(_subtitle(report), fontsize=9)
     fig.tight_layout()
@@ -126,7 +128,7 @@ def plot_compare(result: dict[str, Any], out: Path) -> Path | None:
 
 def _subtitle(report: dict[str, Any]) -> str:
     host = report.get("host", {})
-    where = " (rig VM, qemu TCG: ratios matter, absolute figures do not)" if host.get("in_rig") else ""
+    where = "\nrig VM under qemu TCG: the ratios matter, absolute figures do not" if host.get("in_rig") else ""
     return f"nvmetd bench {report.get('started', '')}, kernel {host.get('kernel', '?')}{where}"
 
 

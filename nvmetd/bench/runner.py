@@ -242,7 +242,8 @@ def _integrity_file(path: Path, disk: Disk, att: Attachment, options: IntegrityO
     """One job file over one attachment. Without a hook, one fio process runs every stage (fio start-up is
     seconds under emulation); with a hook, one process per stage so the hook runs in between."""
     result: dict[str, Any] = {"backend": disk.backend, "transport": att.transport, "job_file": path.name,
-                              "device": str(att.device), "stages": [], "failures": [], "passed": False}
+                              "device": str(att.device), "attachment": att.details, "stages": [], "failures": [],
+                              "passed": False}
     env = _env(att.device, options.size, loops=options.loops)
     stages = fio.sections(path)
     label = f"{disk.backend} · {att.transport} · {path.stem}"
