@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nvmetd.bench import cli, cpu, fio, plots, report
-from nvmetd.bench.runner import stage_result
+from nvmetd.bench.runner import split_by_stage, stage_result
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "fio"
 
@@ -111,6 +111,23 @@ def test_trim_only_stage_passes() -> None:
 def test_stage_with_verify_failure_names_the_offset() -> None:
     verdict = stage_result("readback", fixture_run("readback-corrupt", 1))
     assert not verdict["ok"] and "offset 4096000" in verdict["why"]
+
+
+def test_whole_file_run_blames_the_stage_that_stopped() -> None:
+    jobs = []
+    for name, error in (("fill", 0), ("readback", 84)):
+        job = {"jobname": name, "error": error, "job_runtime": 1000}
+        for d in ("read", "write", "trim"):
+            job[d] = {"io_bytes": 4096 if d == "read" or name == "fill" else 0, "total_ios": 1, "iops": 1.0,
+                      "bw_bytes": 1.0}
+        jobs.append(job)
+    stderr = (FIXTURES / "readback-corrupt.stderr").read_text()
+    run = fio.parse_run(["fio"], 1, json.dumps({"jobs": jobs}), stderr)
+    per_stage = split_by_stage(run, ["fill", "readback", "never-ran"])
+    assert stage_result("fill", per_stage["fill"])["ok"]
+    verdict = stage_result("readback", per_stage["readback"])
+    assert not verdict["ok"] and "offset 4096000" in verdict["why"]
+    assert stage_result("never-ran", per_stage["never-ran"])["why"] == "fio ran no job"
 
 
 # ---------------------------------------------------------------- CPU
