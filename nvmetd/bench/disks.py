@@ -36,10 +36,6 @@ class Disk:
     backing_path: str  # the bytes behind device_path: where a corruption test writes garbage
     cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
-    @property
-    def is_block(self) -> bool:
-        return stat.S_ISBLK(os.stat(self.device_path).st_mode)
-
     def destroy(self) -> None:
         """Undo creation in reverse order; every step runs even if one fails."""
         errors = []
@@ -88,7 +84,11 @@ def nullblk_disk(name: str, size: int, workdir: Path) -> Disk:
     if not NULLB_ROOT.is_dir():
         raise DiskError(f"{NULLB_ROOT} is missing: this kernel has no null_blk with configfs (modprobe null_blk)")
     node = NULLB_ROOT / name  # the configfs name becomes the disk name: /dev/<name>
-    node.mkdir()
+    try:
+        node.mkdir()
+    except FileExistsError:
+        raise DiskError(f"null_blk device {name} already exists (left by an earlier run?): "
+                        f"echo 0 > {node}/power; rmdir {node}") from None
     disk = Disk("nullblk", f"/dev/{name}", size, f"/dev/{name}", [node.rmdir])
     for attr, value in (("size", str(max(1, size >> 20))), ("memory_backed", "1"), ("discard", "1"),
                         ("power", "1")):
