@@ -95,6 +95,7 @@ def _write(out: Path, name: str, text: str) -> Path:
 def _compare_into(new: dict[str, Any], old: dict[str, Any], out: Path, threshold: float,
                   draw: bool = True) -> dict[str, Any]:
     result = report.compare(new, old, threshold)
+    out.mkdir(parents=True, exist_ok=True)
     _write(out, "compare.json", json.dumps(result, indent=2))
     _write(out, "compare.md", report.compare_markdown(result))
     if draw:
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     except (HostError, DiskError, TransportError, ExportError, FioError) as exc:
         click.echo(f"bench: error: {exc}", err=True)
+        return EXIT_SYSTEM
+    except OSError as exc:  # e.g. an output directory that cannot be written
+        click.echo(f"bench: error: {exc.filename or ''}: {exc.strerror}", err=True)
         return EXIT_SYSTEM
     return 0
 
