@@ -14,8 +14,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	scripts/test
 
+# fio matrix in the rig VM (every backend x transport vs the raw device), then the plots on the host (fast there).
+BENCH_OUT ?= bench-out/latest
+BENCH_ARGS ?= --backend file,loop,nullblk --transport loop,tcp,rdma
 bench: $(STAMP)
-	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m target.bench
+	.venv/bin/python -m rig --memory 4G --timeout 7200 -- .venv/bin/python -m nvmetd.bench perf --out $(BENCH_OUT) $(BENCH_ARGS)
+	.venv/bin/python -m nvmetd.bench report $(BENCH_OUT)/report.json > /dev/null
 
 bench-backends: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m backends.bench
