@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
 
-.PHONY: setup demo test bench bench-backends lint clean
+.PHONY: setup demo test bench bench-target bench-backends lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -20,6 +20,10 @@ BENCH_ARGS ?= --backend file,loop,nullblk --transport loop,tcp,rdma
 bench: $(STAMP)
 	.venv/bin/python -m rig --memory 4G --timeout 7200 -- .venv/bin/python -m nvmetd.bench perf --out $(BENCH_OUT) $(BENCH_ARGS)
 	.venv/bin/python -m nvmetd.bench report $(BENCH_OUT)/report.json > /dev/null
+
+# control plane: 1,000 subsystems into an empty tree, re-apply, one more (add NVMETCLI_SRC=dir for the baseline)
+bench-target: $(STAMP)
+	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m target.bench $(if $(NVMETCLI_SRC),--nvmetcli-src $(NVMETCLI_SRC))
 
 bench-backends: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m backends.bench
