@@ -46,6 +46,8 @@ class Clone(BaseModel):
 class AttachRequest(BaseModel):
     transport: Literal["auto", "tcp", "loop", "rdma", "vhost"] = "auto"
     vm_uuid: str | None = None
+    memory: str | None = Field(default=None, description="vhost: the VM's RAM size (512M, 4G); the QEMU "
+                               "arguments then include the shared memory backend vhost-user needs")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -125,7 +127,7 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: str, disk: str, req: AttachRequest) -> dict[str, Any]:
-        result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid)
+        result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory)
         return result.to_dict()
 
     @app.delete("/v1/vms/{vm}/disks/{disk}")

@@ -261,10 +261,17 @@ def _kv(data: dict[str, Any]) -> str:
               show_default=True)
 @click.option("--vm-uuid", help="the VM's UUID (its host NQN derives from it); new VMs get a random one")
 @click.option("--qmp", "qmp_socket", type=click.Path(), help="hot-plug into this running QEMU (QMP socket)")
+@click.option("--memory", help="vhost: the VM's RAM size (512M, 4G), to include the shared memory backend "
+              "in the QEMU arguments")
 @click.pass_obj
-def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None) -> None:
-    """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU."""
-    result = obj.call("PUT", f"/v1/vms/{vm}/disks/{disk}", {"transport": transport, "vm_uuid": vm_uuid})
+def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None,
+           memory: str | None) -> None:
+    """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
+
+    With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
+    nvmetd's engine from the VM's shared memory: the output has the engine socket and the QEMU arguments."""
+    result = obj.call("PUT", f"/v1/vms/{vm}/disks/{disk}",
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory})
     if qmp_socket:
         from nvmetd import qmp
 

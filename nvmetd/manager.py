@@ -15,6 +15,7 @@ from typing import Any
 
 from nvmetd import initiator
 from nvmetd.errors import SystemProblem, UserError
+from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm
 from target import validate
 from target.apply import ApplyResult, apply_state
@@ -49,6 +50,8 @@ class AttachResult:
     dhchap_key_file: str
     device: str | None
     qemu_args: list[str]
+    vhost_socket: str | None = None
+    notes: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -56,12 +59,15 @@ class AttachResult:
 
 class Manager:
     def __init__(self, store: StateStore, cfs: ConfigFS, pools_root: Path | None = None,
-                 keys_dir: Path = DEFAULT_KEYS_DIR, host_connect: bool = True) -> None:
+                 keys_dir: Path = DEFAULT_KEYS_DIR, host_connect: bool = True,
+                 vhost: VhostEngines | None = None, vhost_auto: bool = False) -> None:
         self.store = store
         self.cfs = cfs
         self.pools_root = pools_root
         self.keys_dir = keys_dir
         self.host_connect = host_connect
+        self.vhost = vhost or VhostEngines()
+        self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
 
@@ -84,22 +90,40 @@ class Manager:
         return entry["pool"]
 
     # ------------------------------------------------------------------ reconcile
-    def effective(self, doc: dict[str, Any]) -> TargetState:
-        """The tree the kernel should hold, activating every attached volume on the way (idempotent)."""
-        vms = self._vms(doc)
+    def _devices(self, doc: dict[str, Any]) -> dict[str, str]:
+        """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
         devices: dict[str, str] = {}
-        for vm in vms.values():
+        for vm in self._vms(doc).values():
             for disk in vm.attachments:
                 if disk not in devices:
                     devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
-        return compose(parse_state(doc.get("target", {})), vms, devices, self._ports(doc))
+        return devices
+
+    def effective(self, doc: dict[str, Any], devices: dict[str, str] | None = None) -> TargetState:
+        """The tree the kernel should hold."""
+        devices = self._devices(doc) if devices is None else devices
+        return compose(parse_state(doc.get("target", {})), self._vms(doc), devices, self._ports(doc))
+
+    def engine_specs(self, doc: dict[str, Any], devices: dict[str, str]) -> list[EngineSpec]:
+        specs = []
+        for vm in sorted(self._vms(doc).values(), key=lambda v: v.name):
+            namespaces = {a.nsid: (disk, devices[disk]) for disk, a in vm.attachments.items()
+                          if a.transport == "vhost"}
+            if namespaces:
+                specs.append(EngineSpec(vm, namespaces))
+        return specs
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
         with self.lock:
             doc = self.store.load()
-            state = self.effective(doc)
-            load_modules(state)
-            result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
+            devices = self._devices(doc)
+            state = self.effective(doc, devices)
+            if not self.cfs.exists() and state == TargetState():
+                result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
+            else:
+                load_modules(state)
+                result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
+            result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
             self._release_detached(doc)
             self.last_result = result
             return result
@@ -234,14 +258,19 @@ class Manager:
     def choose_transport(self, requested: str) -> tuple[str, str]:
         if requested != "auto":
             return requested, f"{requested} was requested"
+        if self.vhost_auto:
+            return "vhost", ("vhost: the VM's NVMe queues are served in place from its shared memory by nvmetd's "
+                             "vhost-nvme engine, with no network hop and no block layer in QEMU")
         return "loop", ("loop: host-local NVMe over the kernel's loop transport, no network hop "
-                        "(vhost-nvme is not available on this host yet)")
+                        "(vhost-nvme is off: set `[vhost] auto = true` in nvmetd.toml when the hypervisor's "
+                        "QEMU has the vhost-user-nvme device from qemu_patches/)")
 
-    def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None) -> AttachResult:
+    def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
+               memory: str | None = None) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
+        if memory is not None:
+            validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
-        if chosen == "vhost":
-            raise SystemProblem("the vhost transport needs the vhost-nvme QEMU device, which is not installed")
         with self.lock:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, disk)
@@ -257,15 +286,20 @@ class Manager:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
                                     "detach it first to change the transport")
                 if current is None:
-                    vm.attachments[disk] = Attachment(nsid=vm.next_nsid(), transport=chosen)
+                    nsid = vm.next_nsid()
+                    if chosen == "vhost" and nsid > MAX_VHOST_NSID:
+                        raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
+                                        f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen)
                 vms[vm_name] = vm.model_dump()
             result = self.reconcile()
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
             bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
             if bad:
-                raise SystemProblem("attached in the desired state, but the kernel is not there yet: "
+                where = "the vhost engine" if chosen == "vhost" else "the kernel"
+                raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
-            return self._attach_result(vm_name, disk, why)
+            return self._attach_result(vm_name, disk, why, memory)
 
     def _key_file(self, vm: Vm) -> Path:
         self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -278,10 +312,12 @@ class Manager:
                 f.write(vm.dhchap_key)
         return path
 
-    def _attach_result(self, vm_name: str, disk: str, why: str) -> AttachResult:
+    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None) -> AttachResult:
         doc = self.store.load()
         vm = self._vms(doc)[vm_name]
         att = vm.attachments[disk]
+        if att.transport == "vhost":
+            return self._vhost_result(vm, disk, att, why, memory)
         ports = self._ports(doc)
         traddr = {"tcp": ports.tcp_address, "rdma": ports.rdma_address or ""}.get(att.transport, "")
         trsvcid = {"tcp": ports.tcp_port, "rdma": ports.rdma_port}.get(att.transport, "")
@@ -296,6 +332,22 @@ class Manager:
                     "-device", f"virtio-blk-pci,drive={node},id={node}"]
         return AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
                             str(key_file), device, qemu)
+
+    def _vhost_result(self, vm: Vm, disk: str, att: Attachment, why: str, memory: str | None) -> AttachResult:
+        """All vhost disks of a VM are namespaces of one controller: the QEMU arguments are the same for each,
+        and a QEMU that already has the device sees the new disk as a new namespace, without a new device."""
+        from vhost_nvme.qemu_args import device_args, shared_memory_args
+
+        sock = self.vhost.socket_path(vm)
+        qemu = (shared_memory_args(memory) if memory else []) + device_args(
+            str(sock), dev_id=f"nvmetd-{vm.name}", subnqn=vm.subnqn)
+        notes = [f"disk {disk} is namespace {att.nsid} of the VM's vhost-user-nvme controller; add the device "
+                 "once per VM (a running guest sees further disks as new namespaces)"]
+        if not memory:
+            notes.append("vhost-user needs the VM's RAM to be a shared memfd: add -object memory-backend-memfd,"
+                         "id=mem,size=<RAM>,share=on -machine memory-backend=mem (or pass memory to attach)")
+        return AttachResult(vm.name, disk, "vhost", why, vm.subnqn, vm.hostnqn, att.nsid, "", "", "", None, qemu,
+                            vhost_socket=str(sock), notes=notes)
 
     def _host_connection(self, vm: Vm) -> str:
         """The host-side loop controller for this VM (one per VM; new disks appear on it as namespaces)."""
@@ -332,8 +384,11 @@ class Manager:
         if name not in vms:
             raise UserError(f"no VM named {name!r}")
         vm = vms[name]
-        return {"name": vm.name, "uuid": vm.uuid, "host_nqn": vm.hostnqn, "subsystem_nqn": vm.subnqn,
+        info = {"name": vm.name, "uuid": vm.uuid, "host_nqn": vm.hostnqn, "subsystem_nqn": vm.subnqn,
                 "disks": {d: a.model_dump() for d, a in sorted(vm.attachments.items())}}
+        if any(a.transport == "vhost" for a in vm.attachments.values()):
+            info["vhost_socket"] = str(self.vhost.socket_path(vm))
+        return info
 
     def status(self) -> dict[str, Any]:
         doc = self.store.load()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
+from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
 from target.configfs import NVMET_ROOT, ConfigFS
 from target.store import DEFAULT_PATH, StateStore
 
@@ -69,8 +70,11 @@ class Service:
         self.args = args
         self.config = load_config(args.config)
         store = StateStore(args.state)
+        vhost = self.config.get("vhost", {})
         self.manager = Manager(store, ConfigFS(args.configfs), pools_root=args.pools_root, keys_dir=args.keys_dir,
-                               host_connect=not args.no_host_connect)
+                               host_connect=not args.no_host_connect,
+                               vhost=VhostEngines(args.vhost_dir, poll_us=vhost.get("poll_us")),
+                               vhost_auto=bool(vhost.get("auto", False)))
         self.stop = threading.Event()
         self.wake = threading.Event()
         from sdnotify import SystemdNotifier
@@ -78,6 +82,7 @@ class Service:
         self.notifier = SystemdNotifier()
 
     def apply_config(self) -> None:
+        self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
         ports = self.config.get("ports")
         if ports is not None:
             with self.manager.store.transaction() as doc:
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket-group", help="group that may use the API socket (mode 0660)")
     parser.add_argument("--pools-root", type=Path, default=None, help="backend pools' state directory")
     parser.add_argument("--keys-dir", type=Path, default=DEFAULT_KEYS_DIR)
+    parser.add_argument("--vhost-dir", type=Path, default=DEFAULT_RUN_DIR,
+                        help="vhost-nvme engine sockets, pid files and logs (one engine per VM)")
     parser.add_argument("--configfs", type=Path, default=NVMET_ROOT, help=argparse.SUPPRESS)
     parser.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift repairs")
     parser.add_argument("--restore-timeout", type=float, default=120.0,

@@ -19,6 +19,7 @@ from target.model import Host, Namespace, Port, Subsystem, TargetState
 
 SUBSYSTEM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"
 Transport = Literal["tcp", "loop", "rdma", "vhost"]
+KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine
 
 
 def vm_hostnqn(vm_uuid: str) -> str:
@@ -104,18 +105,18 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     data: dict[str, Any] = base.model_dump()
     exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
-        if not vm.attachments:
-            continue
+        kernel = {disk: a for disk, a in vm.attachments.items() if a.transport in KERNEL_TRANSPORTS}
+        if not kernel:
+            continue  # vhost disks are served by nvmetd's own engine, not by the kernel target
         data["hosts"].append(Host(nqn=vm.hostnqn, dhchap_key=vm.dhchap_key).model_dump())
         namespaces = [Namespace(nsid=a.nsid, device_path=devices[disk],
                                 device_uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{vm.uuid}/{disk}")))
-                      for disk, a in sorted(vm.attachments.items())]
+                      for disk, a in sorted(kernel.items())]
         data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[vm.hostnqn], model="nvmetd virtual disk",
                                             serial=vm.uuid.replace("-", "")[:20],
                                             namespaces=namespaces).model_dump())
-        for transport in sorted({a.transport for a in vm.attachments.values()}):
-            if transport != "vhost":
-                exported[transport].append(vm.subnqn)
+        for transport in sorted({a.transport for a in kernel.values()}):
+            exported[transport].append(vm.subnqn)
     for transport, subs in exported.items():
         if subs:
             data["ports"].append(ports.port(transport, subs).model_dump())

@@ -121,3 +121,13 @@ def device_path(value: str) -> str:
     if len(value) > 4095:
         raise ValueError("is longer than PATH_MAX")
     return value
+
+
+_QEMU_SIZE_RE = re.compile(r"^[1-9][0-9]{0,15}[KMGT]?$")
+
+
+def qemu_size(value: str, what: str = "size") -> str:
+    """A size as QEMU's -m / memory-backend take it (512M, 4G): it ends up inside a QEMU argument."""
+    if not isinstance(value, str) or not _QEMU_SIZE_RE.match(value):
+        raise ValueError(f"{what} {str(value)[:20]!r} is not a QEMU size (examples: 512M, 4G)")
+    return value

@@ -41,6 +41,7 @@ class Req(IntEnum):
     NS_DETACH = 0x51
     NS_SET_LIMITS = 0x52
     GET_STATS = 0x53
+    NS_LIST = 0x54
 
 
 class Feature(IntEnum):
@@ -94,6 +95,8 @@ NS_FLAG_NULL = 1 << 1
 NS_ID = struct.Struct("<II")  # nsid, reserved
 NS_LIMITS = struct.Struct("<IIQQ")  # nsid, reserved, iops, bps
 STATS = struct.Struct("<QQQQQQ")  # cqes, signals, kicks, sleeps, polls, invalid_doorbells
+NS_LIST_HEAD = struct.Struct("<II")  # count, reserved
+NS_ENTRY = struct.Struct("<IIQ96s")  # nsid, flags (NS_FLAG_*), size in bytes, name (NUL padded, truncated)
 
 
 class ProtocolError(Exception):

@@ -60,6 +60,7 @@ class EngineServer:
             Req.NS_DETACH: self._ns_detach,
             Req.NS_SET_LIMITS: self._ns_set_limits,
             Req.GET_STATS: self._get_stats,
+            Req.NS_LIST: self._ns_list,
         }
 
     def serve_in_thread(self) -> EngineServer:
@@ -246,3 +247,10 @@ class EngineServer:
         s = self.ctrl.stats()
         return 0, p.STATS.pack(s["cqes"], s["signals"], s["kicks"], s["sleeps"], s["polls"],
                                s["invalid_doorbells"])
+
+    def _ns_list(self, msg: Message) -> tuple[int, bytes]:
+        entries = []
+        for nsid, ns in sorted(self.ctrl.namespaces.items()):
+            flags = (p.NS_FLAG_READONLY if ns.readonly else 0) | (p.NS_FLAG_NULL if ns.fd < 0 else 0)
+            entries.append(p.NS_ENTRY.pack(nsid, flags, ns.nblocks * ns.lba_size, ns.name.encode()[:95]))
+        return 0, p.NS_LIST_HEAD.pack(len(entries), 0) + b"".join(entries)

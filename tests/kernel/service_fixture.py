@@ -19,6 +19,7 @@ class Daemon:
     base: Path
     proc: subprocess.Popen | None = None
     log: list[Path] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # more nvmetd options, e.g. --vhost-dir
 
     @property
     def socket(self) -> Path:
@@ -41,7 +42,7 @@ class Daemon:
                 [sys.executable, "-m", "nvmetd.service", "--state", str(self.state), "--socket", str(self.socket),
                  "--pools-root", str(self.pools_root), "--keys-dir", str(self.base / "keys"),
                  "--drift-interval", "3600", "--restore-timeout", str(restore_timeout),
-                 "--config", str(self.base / "nvmetd.toml")],
+                 "--config", str(self.base / "nvmetd.toml"), *self.extra_args],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300  # Python start-up of a FastAPI app under TCG on a busy host
         while time.monotonic() < deadline:

@@ -14,16 +14,14 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import protocol as p
+from ..client import EngineClient
 from ..qemu_args import qemu_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,36 +173,12 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    @contextlib.contextmanager
-    def _conn(self) -> Iterator[socket.socket]:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.connect(str(self.sock))
-            yield s
-        finally:
-            s.close()
-
-    def _call(self, s: socket.socket, req: int, payload: bytes = b"", fds: list[int] | None = None) -> bytes:
-        p.send_msg(s, req, payload, fds)
-        msg = p.recv_msg(s)
-        result, data = p.parse_reply(msg)
-        if result < 0:
-            raise OSError(-result, f"engine refused {p.Req(req).name}: {p.errno_name(result)}")
-        return data
-
     def stats(self) -> EngineStats:
-        with self._conn() as s:
-            return EngineStats(*p.STATS.unpack(self._call(s, p.Req.GET_STATS)))
+        return EngineStats(**EngineClient(self.sock).stats().__dict__)
 
     def attach(self, nsid: int, path: Path, name: str = "") -> None:
         """NS_ATTACH through the protocol, as the management plane does (backing fd by SCM_RIGHTS)."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            payload = p.NS_ATTACH.pack(nsid, 0, 0, 0, 0, 0, 0, -1, (name or path.name).encode()[:255])
-            with self._conn() as s:
-                self._call(s, p.Req.NS_ATTACH, payload, [fd])
-        finally:
-            os.close(fd)
+        EngineClient(self.sock).attach(nsid, path, name)
 
 
 # ---- the VM -----------------------------------------------------------------------------------------------
@@ -212,10 +186,13 @@ class VM:
     """One TCG guest; ``run()`` executes a shell line in it and returns (exit status, output)."""
 
     def __init__(self, workdir: Path, *, engine_sock: Path | None = None, emulated_image: Path | None = None,
-                 memory: str = "512M", append: str = "", qemu: Path | None = None,
-                 boot_timeout: float = 120) -> None:
-        if (engine_sock is None) == (emulated_image is None):
-            raise ValueError("give exactly one of engine_sock (vhost-user-nvme) or emulated_image (-device nvme)")
+                 device_args: list[str] | None = None, memory: str = "512M", append: str = "",
+                 qemu: Path | None = None, boot_timeout: float = 120) -> None:
+        """``device_args``: the storage arguments as given (e.g. by `nvmetctl attach --transport vhost
+        --memory`), which must then include the VM's shared memory backend."""
+        if sum(x is not None for x in (engine_sock, emulated_image, device_args)) != 1:
+            raise ValueError("give exactly one of engine_sock (vhost-user-nvme), emulated_image (-device nvme) "
+                             "or device_args")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.console = workdir / "console.log"
@@ -230,6 +207,8 @@ class VM:
                 "-serial", f"file:{self.console}", "-serial", "stdio"]
         if engine_sock is not None:
             argv += qemu_args(str(engine_sock), memory=memory)
+        elif device_args is not None:
+            argv += device_args
         else:
             # the host page cache, as the engine (psync on the file) uses it
             argv += ["-drive", f"if=none,id=d0,file={emulated_image},format=raw,cache=writeback,aio=threads",
