@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE, SystemProblem, UserError
-from nvmetd.vms import SUBSYSTEM_PREFIX
+from nvmetd.vms import SUBSYSTEM_PREFIX, vhost_device_id
 from target.apply import ApplyResult, apply_state, diff
 from target.configfs import NVMET_ROOT, ConfigFS, ConfigfsError
 from target.features import FeatureError, load_modules, require
@@ -261,18 +261,27 @@ def _kv(data: dict[str, Any]) -> str:
               show_default=True)
 @click.option("--vm-uuid", help="the VM's UUID (its host NQN derives from it); new VMs get a random one")
 @click.option("--qmp", "qmp_socket", type=click.Path(), help="hot-plug into this running QEMU (QMP socket)")
+@click.option("--qmp-bus", help="with --qmp: the PCIe root port to plug into (a q35 root bus is not hot-pluggable)")
 @click.option("--memory", help="vhost: the VM's RAM size (512M, 4G), to include the shared memory backend "
               "in the QEMU arguments")
 @click.pass_obj
 def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None,
-           memory: str | None) -> None:
+           qmp_bus: str | None, memory: str | None) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory: the output has the engine socket and the QEMU arguments."""
     result = obj.call("PUT", f"/v1/vms/{vm}/disks/{disk}",
                       {"transport": transport, "vm_uuid": vm_uuid, "memory": memory})
-    if qmp_socket:
+    if qmp_socket and result["transport"] == "vhost":
+        from nvmetd import qmp
+
+        try:
+            result["hotplugged"] = qmp.hotplug_vhost(qmp_socket, vhost_device_id(vm), result["vhost_socket"],
+                                                     result["subsystem_nqn"], bus=qmp_bus)
+        except qmp.QmpError as exc:
+            raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
+    elif qmp_socket:
         from nvmetd import qmp
 
         if not result.get("device"):
@@ -295,8 +304,13 @@ def detach(obj: Context, vm: str, disk: str, qmp_socket: str | None) -> None:
     if qmp_socket:
         from nvmetd import qmp
 
+        disks = obj.call("GET", f"/v1/vms/{vm}")["disks"]
+        transport = disks.get(disk, {}).get("transport")
         try:
-            qmp.unplug(qmp_socket, disk)
+            if transport != "vhost":
+                qmp.unplug(qmp_socket, disk)
+            elif not any(d != disk and a["transport"] == "vhost" for d, a in disks.items()):
+                qmp.unplug_vhost(qmp_socket, vhost_device_id(vm))  # its last vhost disk: the controller goes
         except qmp.QmpError as exc:
             raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
     result = obj.call("DELETE", f"/v1/vms/{vm}/disks/{disk}")

@@ -16,7 +16,7 @@ from typing import Any
 from nvmetd import initiator
 from nvmetd.errors import SystemProblem, UserError
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
-from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm
+from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
 from target import validate
 from target.apply import ApplyResult, apply_state
 from target.configfs import ConfigFS
@@ -340,7 +340,7 @@ class Manager:
 
         sock = self.vhost.socket_path(vm)
         qemu = (shared_memory_args(memory) if memory else []) + device_args(
-            str(sock), dev_id=f"nvmetd-{vm.name}", subnqn=vm.subnqn)
+            str(sock), dev_id=vhost_device_id(vm.name), subnqn=vm.subnqn)
         notes = [f"disk {disk} is namespace {att.nsid} of the VM's vhost-user-nvme controller; add the device "
                  "once per VM (a running guest sees further disks as new namespaces)"]
         if not memory:

@@ -1,4 +1,9 @@
-"""Hot-plug a host-side namespace into a running QEMU (and out again) over QMP, with qemu.qmp."""
+"""Hot-plug a disk into a running QEMU (and out again) over QMP, with qemu.qmp.
+
+loop/tcp/rdma give a host block device: it becomes a blockdev + virtio-blk device of its own. vhost gives one
+vhost-user-nvme controller per VM: it is plugged with the VM's first vhost disk; later disks are namespaces of it
+(the guest learns of them from the controller), so there is nothing to plug for them.
+"""
 
 from __future__ import annotations
 
@@ -53,5 +58,54 @@ def unplug(socket_path: str, disk: str, timeout: float = 30.0) -> None:
                     if event["event"] == "DEVICE_DELETED" and event.get("data", {}).get("device") == node:
                         break
         await qmp.execute("blockdev-del", {"node-name": node})
+
+    asyncio.run(_session(socket_path, steps))
+
+
+async def _peripherals(qmp) -> set[str]:
+    return {p["name"] for p in await qmp.execute("qom-list", {"path": "/machine/peripheral"})}
+
+
+def hotplug_vhost(socket_path: str, dev_id: str, engine_socket: str, subnqn: str, bus: str | None = None,
+                  reconnect_ms: int = 200) -> dict[str, object]:
+    """Plug the VM's vhost-user-nvme controller unless it is there already (then the disk is a new namespace).
+
+    The VM's RAM must be a shared memfd backend for the device to realize; QEMU says so if it is not."""
+    chardev = f"{dev_id}-chr"
+
+    async def steps(qmp) -> dict[str, object]:
+        if dev_id in await _peripherals(qmp):
+            return {"device_id": dev_id, "plugged": False,
+                    "why": "the controller is there: the disk is a new namespace"}
+        await qmp.execute("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": engine_socket}}, "server": False,
+            "reconnect-ms": reconnect_ms}}})
+        args: dict[str, object] = {"driver": "vhost-user-nvme", "id": dev_id, "chardev": chardev, "subnqn": subnqn}
+        if bus:
+            args["bus"] = bus
+        try:
+            await qmp.execute("device_add", args)
+        except Exception:
+            await qmp.execute("chardev-remove", {"id": chardev})
+            raise
+        return {"device_id": dev_id, "plugged": True}
+
+    return asyncio.run(_session(socket_path, steps))
+
+
+def unplug_vhost(socket_path: str, dev_id: str, timeout: float = 30.0) -> None:
+    """Remove the VM's vhost-user-nvme controller (when its last vhost disk goes) and its chardev."""
+
+    async def steps(qmp) -> None:
+        if dev_id in await _peripherals(qmp):
+            with qmp.listen() as listener:
+                await qmp.execute("device_del", {"id": dev_id})
+                async with asyncio.timeout(timeout):
+                    async for event in listener:
+                        if event["event"] == "DEVICE_DELETED" and event.get("data", {}).get("device") == dev_id:
+                            break
+        chardevs = {c["label"] for c in await qmp.execute("query-chardev")}
+        if f"{dev_id}-chr" in chardevs:
+            await qmp.execute("chardev-remove", {"id": f"{dev_id}-chr"})
 
     asyncio.run(_session(socket_path, steps))

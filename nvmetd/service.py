@@ -73,7 +73,8 @@ class Service:
         vhost = self.config.get("vhost", {})
         self.manager = Manager(store, ConfigFS(args.configfs), pools_root=args.pools_root, keys_dir=args.keys_dir,
                                host_connect=not args.no_host_connect,
-                               vhost=VhostEngines(args.vhost_dir, poll_us=vhost.get("poll_us")),
+                               vhost=VhostEngines(args.vhost_dir, poll_us=vhost.get("poll_us"),
+                                                  socket_group=vhost.get("socket_group")),
                                vhost_auto=bool(vhost.get("auto", False)))
         self.stop = threading.Event()
         self.wake = threading.Event()

@@ -41,9 +41,13 @@ class EngineSpec:
 
 
 class VhostEngines:
-    def __init__(self, run_dir: Path = DEFAULT_RUN_DIR, poll_us: int | None = None) -> None:
+    def __init__(self, run_dir: Path = DEFAULT_RUN_DIR, poll_us: int | None = None,
+                 socket_group: str | None = None) -> None:
+        """socket_group: the group QEMU runs in (e.g. libvirt-qemu); it gets the run directory and the engine
+        sockets (mode 0660), nobody else does."""
         self.run_dir = run_dir
         self.poll_us = poll_us
+        self.socket_group = socket_group
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # Paths are named after the VM's UUID: validated, short enough for a Unix socket path, and stable.
@@ -130,7 +134,18 @@ class VhostEngines:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the vhost-nvme engine did not answer on {sock} within {START_TIMEOUT:.0f} s")
             time.sleep(0.05)
+        self._share(sock)
         log.info("vm=%s pid=%d socket=%s: vhost engine started", vm.name, proc.pid, sock)
+
+    def _share(self, sock: Path) -> None:
+        if self.socket_group is None:
+            return
+        import grp
+
+        gid = grp.getgrnam(self.socket_group).gr_gid
+        os.chown(self.run_dir, -1, gid)
+        os.chown(sock, -1, gid)
+        os.chmod(sock, 0o660)
 
     def _engine_pid(self, vm_uuid: str) -> int | None:
         """The pid in the pid file, if that process is still this VM's engine (pids get reused)."""

@@ -30,6 +30,11 @@ def vm_subsystem(vm_uuid: str) -> str:
     return f"{SUBSYSTEM_PREFIX}{vm_uuid}"
 
 
+def vhost_device_id(vm_name: str) -> str:
+    """The QEMU id of a VM's vhost-user-nvme controller (in attach's QEMU arguments and for QMP hot-plug)."""
+    return f"nvmetd-{vm_name}"
+
+
 class Attachment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     nsid: int = Field(ge=1, le=1024)

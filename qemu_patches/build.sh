@@ -171,6 +171,8 @@ devices=$tree/configs/devices/x86_64-softmmu/nvmetd-minimal.mak
 	echo "# hw/nvme/ctrl.c calls spdm_socket_*, which is only \"default y\""
 	echo "CONFIG_SPDM_SOCKET=y"
 	echo "CONFIG_VHOST_USER_NVME=y"
+	echo "# a PCIe root port, so that nvmetctl attach --qmp can hot-plug the device into a running q35 guest"
+	echo "CONFIG_PCIE_PORT=y"
 } > "$devices.new"
 if cmp -s "$devices.new" "$devices"; then rm "$devices.new"; else mv "$devices.new" "$devices"; fi
 

@@ -104,3 +104,36 @@ def test_attach_vhost_boots_guest_and_hot_attaches(qemu: Path, daemon: Daemon, t
         assert got == want
     finally:
         vm.close()
+
+
+def test_qmp_hotplugs_the_vhost_controller_into_a_running_guest(qemu: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """`attach --qmp` plugs the VM's controller with its first vhost disk; `detach --qmp` of its last one unplugs
+    it. The guest starts with no NVMe device at all, only shared RAM and an empty PCIe root port."""
+    daemon.ctl("disk", "create", "hot", "--pool", "files", "--size", "16M")
+    qmp_sock = Path(tempfile.mkdtemp(prefix="nvq-", dir="/tmp")) / "qmp.sock"
+    args = ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem",
+            "-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
+    vm = VM(tmp_path / "vm", device_args=args, append=GUEST_APPEND, qemu=qemu)
+    try:
+        assert vm.run("ls /sys/class/nvme")[1].strip() == ""
+        result = daemon.ctl_json("attach", "guest2", "hot", "--transport", "vhost", "--qmp", str(qmp_sock),
+                                 "--qmp-bus", "rp1")
+        assert result["hotplugged"] == {"device_id": "nvmetd-guest2", "plugged": True}
+        out = vm.check("for i in $(seq 120); do [ -b /dev/nvme0n1 ] && break; sleep 0.5; done; "
+                       "cat /sys/class/nvme/nvme0/subsysnqn /sys/block/nvme0n1/size", timeout=120)
+        subnqn, size = out.split()
+        assert subnqn == result["subsystem_nqn"] and int(size) * 512 == 16 * MiB
+        vm.check("echo plugged-in | dd of=/dev/nvme0n1 bs=4k seek=3 conv=sync oflag=direct 2>/dev/null")
+        with open(daemon.ctl_json("disk", "show", "hot")["device_path"], "rb") as f:
+            f.seek(3 * 4096)
+            assert f.read(10) == b"plugged-in"
+
+        daemon.ctl("detach", "guest2", "hot", "--qmp", str(qmp_sock))
+        out = vm.check("for i in $(seq 120); do [ -e /sys/class/nvme/nvme0 ] || break; sleep 0.5; done; "
+                       "ls /sys/class/nvme", timeout=120)
+        assert out.strip() == ""
+        assert daemon.ctl_json("vm", "show", "guest2")["disks"] == {}
+        assert not Path(result["vhost_socket"]).exists()  # the VM's last vhost disk is gone: so is its engine
+    finally:
+        vm.close()
+        shutil.rmtree(qmp_sock.parent, ignore_errors=True)

@@ -164,3 +164,13 @@ def test_auto_picks_vhost_only_when_enabled(manager: Manager) -> None:
     chosen, why = manager.choose_transport("auto")
     assert chosen == "vhost" and "shared memory" in why
     assert manager.attach("vm1", "d1").to_dict()["transport"] == "vhost"
+
+
+def test_engine_socket_is_shared_with_the_qemu_group_only(manager: Manager) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid() if os.getgid() else 0).gr_name
+    manager.vhost.socket_group = group
+    sock = Path(manager.attach("vm1", "d1", "vhost").to_dict()["vhost_socket"])
+    st = sock.stat()
+    assert st.st_mode & 0o777 == 0o660 and grp.getgrgid(st.st_gid).gr_name == group
