@@ -51,19 +51,29 @@ def unplug(socket_path: str, disk: str, timeout: float = 30.0) -> None:
     node = node_name(disk)
 
     async def steps(qmp) -> None:
-        with qmp.listen() as listener:
+        if node in await _peripherals(qmp):
             await qmp.execute("device_del", {"id": node})
-            async with asyncio.timeout(timeout):
-                async for event in listener:
-                    if event["event"] == "DEVICE_DELETED" and event.get("data", {}).get("device") == node:
-                        break
-        await qmp.execute("blockdev-del", {"node-name": node})
+            await _wait_gone(qmp, node, timeout)
+        if node in {n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})}:
+            await qmp.execute("blockdev-del", {"node-name": node})
 
     asyncio.run(_session(socket_path, steps))
 
 
 async def _peripherals(qmp) -> set[str]:
     return {p["name"] for p in await qmp.execute("qom-list", {"path": "/machine/peripheral"})}
+
+
+async def _wait_gone(qmp, dev_id: str, timeout: float) -> None:
+    """device_del only asks the guest to let go. Wait until QEMU no longer has the device, by looking at it
+    rather than for DEVICE_DELETED: that event comes only when the device is finalized, which a leaked reference
+    delays forever (the vhost-user-nvme device leaked one until its exit deleted its BAR subregion)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while dev_id in await _peripherals(qmp):
+        if asyncio.get_running_loop().time() > deadline:
+            raise QmpError(f"the guest did not release device {dev_id} within {timeout:.0f} s "
+                           "(it must acknowledge the unplug)")
+        await asyncio.sleep(0.2)
 
 
 def hotplug_vhost(socket_path: str, dev_id: str, engine_socket: str, subnqn: str, bus: str | None = None,
@@ -98,14 +108,16 @@ def unplug_vhost(socket_path: str, dev_id: str, timeout: float = 30.0) -> None:
 
     async def steps(qmp) -> None:
         if dev_id in await _peripherals(qmp):
-            with qmp.listen() as listener:
-                await qmp.execute("device_del", {"id": dev_id})
-                async with asyncio.timeout(timeout):
-                    async for event in listener:
-                        if event["event"] == "DEVICE_DELETED" and event.get("data", {}).get("device") == dev_id:
-                            break
-        chardevs = {c["label"] for c in await qmp.execute("query-chardev")}
-        if f"{dev_id}-chr" in chardevs:
-            await qmp.execute("chardev-remove", {"id": f"{dev_id}-chr"})
+            await qmp.execute("device_del", {"id": dev_id})
+            await _wait_gone(qmp, dev_id, timeout)
+        chardev = f"{dev_id}-chr"
+        deadline = asyncio.get_running_loop().time() + timeout
+        while chardev in {c["label"] for c in await qmp.execute("query-chardev")}:
+            try:
+                await qmp.execute("chardev-remove", {"id": chardev})
+            except Exception as exc:  # "busy" until QEMU has finalized the unplugged device
+                if "busy" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     asyncio.run(_session(socket_path, steps))
