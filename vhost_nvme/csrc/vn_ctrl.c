@@ -36,6 +36,7 @@ struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us)
 		return NULL;
 	c->nworkers = nworkers;
 	c->poll_ns = (uint64_t)poll_us * 1000;
+	c->poll_adaptive = 1;
 	c->wce = 1;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
@@ -68,6 +69,13 @@ struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us)
 fail:
 	vn_ctrl_free(c);
 	return NULL;
+}
+
+/* Call while paused (the workers pick the window up when they resume). */
+void vn_ctrl_set_poll(struct vn_ctrl *c, unsigned int poll_us, int adaptive)
+{
+	c->poll_ns = (uint64_t)poll_us * 1000;
+	c->poll_adaptive = !!adaptive;
 }
 
 void vn_ctrl_free(struct vn_ctrl *c)
@@ -173,6 +181,8 @@ void vn_ctrl_get_stats(struct vn_ctrl *c, struct vn_ctrl_stats *out)
 		out->sleeps += s->sleeps;
 		out->polls += s->polls;
 		out->invalid_doorbells += s->invalid_doorbells;
+		if (__atomic_load_n(&c->w[i]->window_ns, __ATOMIC_RELAXED) > out->poll_window_ns)
+			out->poll_window_ns = __atomic_load_n(&c->w[i]->window_ns, __ATOMIC_RELAXED);
 	}
 }
 

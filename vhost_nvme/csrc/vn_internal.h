@@ -16,6 +16,8 @@
 #define VN_URING_DEPTH		128
 #define VN_SQ_BUDGET		64
 #define VN_NO_FD		(-1)
+#define VN_POLL_MIN_NS		10000ull	/* adaptive window floor */
+#define VN_POLL_START_NS	50000ull	/* adaptive window after start and resume */
 
 struct vn_region {
 	uint64_t gpa;
@@ -109,13 +111,15 @@ struct vn_worker {
 	int nsig;
 	uint16_t sig[VN_MAX_VECTORS];
 	int throttled;
+	uint64_t window_ns;	/* busy-poll this long after the last work before sleeping */
 	struct vn_ctrl_stats st;
 	struct vn_ns_stats ns_st[VN_MAX_NS + 1];
 };
 
 struct vn_ctrl {
 	int nworkers;
-	uint64_t poll_ns;
+	uint64_t poll_ns;	/* adaptive: the window's cap; fixed: the window */
+	int poll_adaptive;
 	struct vn_worker *w[VN_MAX_WORKERS];
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
