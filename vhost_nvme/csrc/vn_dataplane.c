@@ -608,10 +608,16 @@ static void worker_quiesce(struct vn_worker *w)
  * its latency to that command).  After a sleep that a kick ended with work,
  * gap is the time from the last work to that kick.  A gap within the cap
  * means a longer window would have caught the submission without a trap:
- * grow towards 1.25x the gap, at most doubling per wake-up so that one odd
- * gap does not pin the window at the cap.  A gap beyond the cap means
- * sleeping was right: halve the window, down to the floor, so an idle or
- * slow guest costs little CPU.
+ * grow to 1.5x the gap, at most doubling per wake-up so that one odd gap
+ * does not pin the window at the cap.  A gap beyond the cap means sleeping
+ * was right, but one such gap says little: a TCG guest (or any guest on a
+ * busy host) mixes short gaps between commands with long ones between
+ * processes, and shrinking on each long gap lost the window the short gaps
+ * had earned, one trap per loss.  So the window shrinks (by an eighth per
+ * wake-up, down to the floor) only once VN_POLL_IDLE_WAKES wake-ups in a row
+ * found long gaps.  Idle CPU stays bounded: with nothing arriving the worker
+ * sleeps after one window, and a guest slower than the cap costs at most
+ * VN_POLL_IDLE_WAKES windows before the window walks down geometrically.
  */
 static void poll_adapt(struct vn_worker *w, uint64_t gap)
 {
@@ -622,13 +628,14 @@ static void poll_adapt(struct vn_worker *w, uint64_t gap)
 	if (!c->poll_adaptive)
 		return;
 	if (gap <= c->poll_ns) {
-		want = gap + gap / 4;
+		w->long_gaps = 0;
+		want = gap + gap / 2;
 		if (want > 2 * win)
 			want = 2 * win;
 		if (want > win)
 			win = want;
-	} else {
-		win /= 2;
+	} else if (++w->long_gaps >= VN_POLL_IDLE_WAKES) {
+		win -= win / 8;
 	}
 	if (win < floor)
 		win = floor;
@@ -644,6 +651,7 @@ static void poll_reset(struct vn_worker *w)
 
 	if (c->poll_adaptive && win > VN_POLL_START_NS)
 		win = VN_POLL_START_NS;
+	w->long_gaps = 0;
 	__atomic_store_n(&w->window_ns, win, __ATOMIC_RELAXED);
 }
 

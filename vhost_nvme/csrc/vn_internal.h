@@ -18,6 +18,7 @@
 #define VN_NO_FD		(-1)
 #define VN_POLL_MIN_NS		10000ull	/* adaptive window floor */
 #define VN_POLL_START_NS	50000ull	/* adaptive window after start and resume */
+#define VN_POLL_IDLE_WAKES	16		/* long gaps in a row before the window shrinks */
 
 struct vn_region {
 	uint64_t gpa;
@@ -112,6 +113,7 @@ struct vn_worker {
 	uint16_t sig[VN_MAX_VECTORS];
 	int throttled;
 	uint64_t window_ns;	/* busy-poll this long after the last work before sleeping */
+	unsigned int long_gaps;	/* wake-ups in a row that came after more than the cap */
 	struct vn_ctrl_stats st;
 	struct vn_ns_stats ns_st[VN_MAX_NS + 1];
 };
