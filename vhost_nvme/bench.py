@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
         print(f"4k randread on {image} ({FILE_BYTES >> 20} MiB, tmpfs), {args.reps} rounds x {args.seconds:g} s "
               f"per point, {os.cpu_count()} CPUs, load average {load:.2f} at start")
+        if load > 0.5 * (os.cpu_count() or 1):
+            print(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: other processes compete for the cores. "
+                  "The engine needs two threads running at once (its poller and the guest) where fio needs one, so "
+                  "a busy machine hurts the engine side more and its ratios understate it.")
         if pin:
             print(f"pinned: engine process on CPU {ENGINE_CPU}; guest loop and fio's job on CPU {GUEST_CPU} (the "
                   "submitting side gets the same core on both sides of a ratio; engine and guest never share one)")

@@ -683,7 +683,7 @@ void *vn_worker_main(void *arg)
 			c->paused++;
 			pthread_cond_broadcast(&c->cond);
 			while (c->pause_req && !c->stopping)
-				pthread_cond_wait(&c->cond, &c->lock);
+				vn_cond_wait_briefly(&c->cond, &c->lock);
 			c->paused--;
 			pthread_mutex_unlock(&c->lock);
 			if (c->stopping)
@@ -714,18 +714,26 @@ void *vn_worker_main(void *arg)
 			}
 			/* the window counts from the last work, not from the first idle pass */
 			idle_since = 0;
-			continue;
-		}
-		w->st.polls++;
-		if (!idle_since) {
-			idle_since = vn_now_ns();
-			woke_gap = 0;	/* woken, but nothing to do: a stale kick says nothing about gaps */
 			spins = 0;
 			continue;
 		}
+		w->st.polls++;
+		if (woke_gap) {
+			woke_gap = 0;	/* woken, but nothing to do: a stale kick says nothing about gaps */
+			spins = 0;
+		}
+		/*
+		 * The idle clock starts at the first read, VN_CLOCK_EVERY
+		 * spins after the last work: reading it right away would put
+		 * a clock read just where the guest's next doorbell lands.
+		 */
 		if (++spins % VN_CLOCK_EVERY)
 			continue;
 		now = vn_now_ns();
+		if (!idle_since) {
+			idle_since = now;
+			continue;
+		}
 		if (now - idle_since < __atomic_load_n(&w->window_ns, __ATOMIC_RELAXED)) {
 			/*
 			 * On a shared core the guest (or anything else) may be

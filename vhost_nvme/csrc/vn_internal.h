@@ -167,6 +167,7 @@ struct vn_cmd {
 };
 
 uint64_t vn_now_ns(void);
+void vn_cond_wait_briefly(pthread_cond_t *cond, pthread_mutex_t *lock);
 void vn_err_record(struct vn_ctrl *c, uint16_t sqid, uint16_t cid, uint16_t status, uint32_t nsid, uint64_t lba);
 uint16_t vn_prp_map(struct vn_ctrl *c, uint64_t prp1, uint64_t prp2, uint32_t len,
 		    struct iovec *iov, int *niov);
