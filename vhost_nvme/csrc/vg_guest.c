@@ -21,20 +21,6 @@ static int need_event(uint16_t ei, uint16_t new_idx, uint16_t old)
 	return (uint16_t)(new_idx - ei - 1) < (uint16_t)(new_idx - old);
 }
 
-/*
- * Linux's smp_mb() on x86-64: a locked add to the stack orders the shadow
- * store before the EventIdx load like mfence does, and is cheaper on the
- * CPUs we run on.
- */
-static inline void full_barrier(void)
-{
-#if defined(__x86_64__)
-	__asm__ __volatile__("lock; addl $0,-4(%%rsp)" ::: "memory", "cc");
-#else
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-#endif
-}
-
 static void doorbell(struct vg_queue *q, uint32_t *mirror, uint32_t *shadow, uint32_t *ei,
 		     uint16_t *last, uint16_t val)
 {
@@ -44,7 +30,7 @@ static void doorbell(struct vg_queue *q, uint32_t *mirror, uint32_t *shadow, uin
 	q->rings++;
 	if (shadow) {
 		__atomic_store_n(shadow, val, __ATOMIC_RELEASE);
-		full_barrier();
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		if (!need_event((uint16_t)__atomic_load_n(ei, __ATOMIC_ACQUIRE), val, old))
 			return;
 	}
