@@ -15,7 +15,7 @@ struct vn_ns_stats {
 };
 struct vn_ctrl_stats {
     uint64_t cqes; uint64_t signals; uint64_t kicks; uint64_t sleeps; uint64_t polls;
-    uint64_t invalid_doorbells;
+    uint64_t invalid_doorbells; uint64_t poll_window_ns;
 };
 struct vn_err {
     uint16_t sqid; uint16_t cid; uint16_t status; uint16_t rsvd; uint32_t nsid; uint32_t rsvd2; uint64_t lba;
@@ -24,6 +24,7 @@ struct vn_probe { double psync_iops; double uring_iops_qd1; double uring_iops_qd
 struct vn_ctrl;
 
 struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us);
+void vn_ctrl_set_poll(struct vn_ctrl *c, unsigned int poll_us, int adaptive);
 void vn_ctrl_free(struct vn_ctrl *c);
 int vn_ctrl_start(struct vn_ctrl *c);
 void vn_ctrl_pause(struct vn_ctrl *c);

@@ -37,6 +37,7 @@ class Stats:
     sleeps: int
     polls: int
     invalid_doorbells: int
+    poll_window_ns: int = 0  # 0 from engines that predate the adaptive window
 
 
 class EngineClient:
@@ -73,7 +74,8 @@ class EngineClient:
             return False
 
     def stats(self) -> Stats:
-        return Stats(*p.STATS.unpack(self.call(p.Req.GET_STATS)))
+        data = self.call(p.Req.GET_STATS)
+        return Stats(*(p.STATS if len(data) >= p.STATS.size else p.STATS_V1).unpack_from(data))
 
     def namespaces(self) -> dict[int, NamespaceEntry]:
         data = self.call(p.Req.NS_LIST)

@@ -95,9 +95,15 @@ def _err(status: int) -> tuple[int, int]:
 
 class Controller:
     def __init__(self, name: str, workers: int = 1, poll_us: int = 200, policy: str = "auto",
-                 dbbuf: bool = True) -> None:
+                 dbbuf: bool = True, poll_adaptive: bool = True) -> None:
         """dbbuf=False: do not advertise Doorbell Buffer Config (OACS bit 8) and reject opcode 0x7C, so a
-        guest rings every doorbell through the front-end (the baseline for measuring shadow doorbells)."""
+        guest rings every doorbell through the front-end (the baseline for measuring shadow doorbells).
+
+        poll_us caps the workers' busy-poll window, which adapts to the guest's submission gaps (a guest
+        slower than the window would otherwise trap on every command); poll_adaptive=False fixes the
+        window at poll_us instead."""
+        if poll_us < 0:
+            raise EngineError(f"poll time must not be negative, got {poll_us} us")
         if policy not in POLICIES:
             raise EngineError(f"unknown submission policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.name = name
@@ -106,6 +112,7 @@ class Controller:
         self._c = lib.vn_ctrl_new(workers, poll_us)
         if self._c == ffi.NULL:
             raise EngineError(f"cannot create engine controller (workers must be 1..8, got {workers})")
+        lib.vn_ctrl_set_poll(self._c, poll_us, int(poll_adaptive))  # workers start paused: safe
         rc = lib.vn_ctrl_start(self._c)
         if rc < 0:
             lib.vn_ctrl_free(self._c)
@@ -444,7 +451,7 @@ class Controller:
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct vn_ctrl_stats *")
         lib.vn_ctrl_get_stats(self._c, s)
-        keys = ("cqes", "signals", "kicks", "sleeps", "polls", "invalid_doorbells")
+        keys = ("cqes", "signals", "kicks", "sleeps", "polls", "invalid_doorbells", "poll_window_ns")
         return {k: getattr(s, k) for k in keys}
 
     def ns_stats(self, nsid: int) -> dict[str, int]:

@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ns", action="append", default=[], type=parse_ns, metavar="SPEC",
                     help="PATH[,ro][,lba=4096][,iops=N][,bps=N] or null:SIZE (repeatable; NSIDs 1..)")
     ap.add_argument("--workers", type=int, default=1, help="data-plane threads (default 1)")
-    ap.add_argument("--poll-us", type=int, default=200, help="busy-poll time before sleeping")
+    ap.add_argument("--poll-us", type=int, default=1000,
+                    help="cap of the busy-poll window before sleeping, which adapts to the guest's submission "
+                         "gaps (default 1000)")
+    ap.add_argument("--poll-fixed", action="store_true",
+                    help="always busy-poll exactly --poll-us before sleeping (no adaptation)")
     ap.add_argument("--policy", choices=sorted(POLICIES), default="auto",
                     help="submission path: auto (measured at attach), psync or uring")
     ap.add_argument("--no-dbbuf", action="store_true",
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         ctrl = Controller(args.name, workers=args.workers, poll_us=args.poll_us, policy=args.policy,
-                          dbbuf=not args.no_dbbuf)
+                          dbbuf=not args.no_dbbuf, poll_adaptive=not args.poll_fixed)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -94,7 +94,8 @@ NS_FLAG_READONLY = 1 << 0
 NS_FLAG_NULL = 1 << 1
 NS_ID = struct.Struct("<II")  # nsid, reserved
 NS_LIMITS = struct.Struct("<IIQQ")  # nsid, reserved, iops, bps
-STATS = struct.Struct("<QQQQQQ")  # cqes, signals, kicks, sleeps, polls, invalid_doorbells
+STATS = struct.Struct("<QQQQQQQ")  # cqes, signals, kicks, sleeps, polls, invalid_doorbells, poll_window_ns
+STATS_V1 = struct.Struct("<QQQQQQ")  # the same without poll_window_ns (engines before the adaptive window)
 NS_LIST_HEAD = struct.Struct("<II")  # count, reserved
 NS_ENTRY = struct.Struct("<IIQ96s")  # nsid, flags (NS_FLAG_*), size in bytes, name (NUL padded, truncated)
 

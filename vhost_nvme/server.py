@@ -246,7 +246,7 @@ class EngineServer:
     def _get_stats(self, msg: Message) -> tuple[int, bytes]:
         s = self.ctrl.stats()
         return 0, p.STATS.pack(s["cqes"], s["signals"], s["kicks"], s["sleeps"], s["polls"],
-                               s["invalid_doorbells"])
+                               s["invalid_doorbells"], s["poll_window_ns"])
 
     def _ns_list(self, msg: Message) -> tuple[int, bytes]:
         entries = []

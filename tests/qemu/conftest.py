@@ -62,7 +62,7 @@ class Rig:
     """An engine process and the guest on its socket."""
 
     def __init__(self, qemu: Path, workdir: Path, name: str, dbbuf: bool = True, size: int = 64 << 20,
-                 poll_us: int = 200) -> None:
+                 poll_us: int | None = None) -> None:
         self.workdir = workdir
         self.image = make_image(workdir / f"{name}-ns1.img", size)
         self.sock = workdir / f"{name}.sock"

@@ -37,9 +37,10 @@ def engine_factory(tmp_path: Path) -> Iterator:
     made: list[Engine] = []
 
     def make(poll_us: int = 50, workers: int = 1, policy: str = "psync", name: str = "t",
-             dbbuf: bool = True) -> Engine:
+             dbbuf: bool = True, poll_adaptive: bool = True) -> Engine:
         image = make_image(tmp_path / f"{name}-ns1.img")
-        ctrl = Controller(name, workers=workers, poll_us=poll_us, policy=policy, dbbuf=dbbuf)
+        ctrl = Controller(name, workers=workers, poll_us=poll_us, policy=policy, dbbuf=dbbuf,
+                          poll_adaptive=poll_adaptive)
         ctrl.attach_namespace(open_namespace(1, str(image)), probe=False)
         sock = str(tmp_path / f"{name}.sock")
         server = EngineServer(sock, ctrl).serve_in_thread()

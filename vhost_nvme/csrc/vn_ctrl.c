@@ -24,6 +24,27 @@ uint64_t vn_now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/*
+ * Every wait on c->cond re-checks its predicate at least every 50 ms.  A
+ * pause/stop once hung for good with the worker blocked in pthread_cond_wait
+ * although stopping was set and broadcast under the lock (seen on a heavily
+ * loaded host, glibc 2.36; consistent with glibc bug 25847, lost condvar wake-ups
+ * that were only fixed in 2.41).  A bounded wait turns such a loss into a
+ * short delay on a control-plane path.
+ */
+void vn_cond_wait_briefly(pthread_cond_t *cond, pthread_mutex_t *lock)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_nsec += 50 * 1000 * 1000;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	pthread_cond_timedwait(cond, lock, &ts);
+}
+
 struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us)
 {
 	struct vn_ctrl *c;
@@ -36,6 +57,7 @@ struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us)
 		return NULL;
 	c->nworkers = nworkers;
 	c->poll_ns = (uint64_t)poll_us * 1000;
+	c->poll_adaptive = 1;
 	c->wce = 1;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
@@ -68,6 +90,13 @@ struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us)
 fail:
 	vn_ctrl_free(c);
 	return NULL;
+}
+
+/* Call while paused (the workers pick the window up when they resume). */
+void vn_ctrl_set_poll(struct vn_ctrl *c, unsigned int poll_us, int adaptive)
+{
+	c->poll_ns = (uint64_t)poll_us * 1000;
+	c->poll_adaptive = !!adaptive;
 }
 
 void vn_ctrl_free(struct vn_ctrl *c)
@@ -126,7 +155,7 @@ int vn_ctrl_start(struct vn_ctrl *c)
 	/* wait until every worker sits in the pause barrier */
 	pthread_mutex_lock(&c->lock);
 	while (c->paused < c->nworkers)
-		pthread_cond_wait(&c->cond, &c->lock);
+		vn_cond_wait_briefly(&c->cond, &c->lock);
 	pthread_mutex_unlock(&c->lock);
 	return 0;
 }
@@ -147,7 +176,7 @@ void vn_ctrl_pause(struct vn_ctrl *c)
 		}
 	pthread_mutex_lock(&c->lock);
 	while (c->paused < c->nworkers)
-		pthread_cond_wait(&c->cond, &c->lock);
+		vn_cond_wait_briefly(&c->cond, &c->lock);
 	pthread_mutex_unlock(&c->lock);
 }
 
@@ -173,6 +202,8 @@ void vn_ctrl_get_stats(struct vn_ctrl *c, struct vn_ctrl_stats *out)
 		out->sleeps += s->sleeps;
 		out->polls += s->polls;
 		out->invalid_doorbells += s->invalid_doorbells;
+		if (__atomic_load_n(&c->w[i]->window_ns, __ATOMIC_RELAXED) > out->poll_window_ns)
+			out->poll_window_ns = __atomic_load_n(&c->w[i]->window_ns, __ATOMIC_RELAXED);
 	}
 }
 

@@ -3,8 +3,9 @@
  * The I/O data plane: one thread per worker polls the submission queues it
  * owns (a queue belongs to the worker of its completion queue, so a CQ is
  * only ever written by one thread), executes commands against the backing
- * descriptor and posts completions.  When idle for poll_us it publishes
- * EventIdx, re-checks, and sleeps on the kick eventfds.
+ * descriptor and posts completions.  When idle for its poll window it
+ * publishes EventIdx, re-checks, and sleeps on the kick eventfds.  The
+ * window adapts (see poll_adapt) unless the controller fixes it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -101,7 +102,9 @@ static void cq_post(struct vn_worker *w, struct vn_sq *sq, uint16_t cid, uint16_
 
 static int cq_used(struct vn_cq *cq)
 {
-	return (cq->tail + cq->size - cq->head) % cq->size + cq->reserved;
+	int used = (int)cq->tail - (int)cq->head;
+
+	return (used < 0 ? used + cq->size : used) + cq->reserved;
 }
 
 static void cq_refresh_head(struct vn_worker *w, struct vn_cq *cq)
@@ -171,7 +174,8 @@ static int tb_take(struct vn_ns *ns, uint32_t bytes)
 
 static void consume(struct vn_sq *sq)
 {
-	sq->head = (sq->head + 1) % sq->size;
+	if (++sq->head == sq->size)
+		sq->head = 0;
 }
 
 static void complete(struct vn_worker *w, struct vn_sq *sq, struct vn_cmd *cmd, uint16_t status,
@@ -598,14 +602,80 @@ static void worker_quiesce(struct vn_worker *w)
 	flush_signals(w);
 }
 
+/*
+ * The poll window decides between two costs: spinning (a core) and sleeping
+ * (with EventIdx armed the guest's next doorbell traps, and the wake-up adds
+ * its latency to that command).  After a sleep that a kick ended with work,
+ * gap is the time from the last work to that kick.  A gap within the cap
+ * means a longer window would have caught the submission without a trap:
+ * grow to 1.5x the gap, at most doubling per wake-up so that one odd gap
+ * does not pin the window at the cap.  A gap beyond the cap means sleeping
+ * was right, but one such gap says little: a TCG guest (or any guest on a
+ * busy host) mixes short gaps between commands with long ones between
+ * processes, and shrinking on each long gap lost the window the short gaps
+ * had earned, one trap per loss.  So the window shrinks (by an eighth per
+ * wake-up, down to the floor) only once VN_POLL_IDLE_WAKES wake-ups in a row
+ * found long gaps.  Idle CPU stays bounded: with nothing arriving the worker
+ * sleeps after one window, and a guest slower than the cap costs at most
+ * VN_POLL_IDLE_WAKES windows before the window walks down geometrically.
+ */
+static void poll_adapt(struct vn_worker *w, uint64_t gap)
+{
+	struct vn_ctrl *c = w->c;
+	uint64_t win = w->window_ns, want;
+	uint64_t floor = c->poll_ns < VN_POLL_MIN_NS ? c->poll_ns : VN_POLL_MIN_NS;
+
+	if (!c->poll_adaptive)
+		return;
+	if (gap <= c->poll_ns) {
+		w->long_gaps = 0;
+		want = gap + gap / 2;
+		if (want > 2 * win)
+			want = 2 * win;
+		if (want > win)
+			win = want;
+	} else if (++w->long_gaps >= VN_POLL_IDLE_WAKES) {
+		win -= win / 8;
+	}
+	if (win < floor)
+		win = floor;
+	if (win > c->poll_ns)
+		win = c->poll_ns;
+	__atomic_store_n(&w->window_ns, win, __ATOMIC_RELAXED);
+}
+
+static void poll_reset(struct vn_worker *w)
+{
+	struct vn_ctrl *c = w->c;
+	uint64_t win = c->poll_ns;
+
+	if (c->poll_adaptive && win > VN_POLL_START_NS)
+		win = VN_POLL_START_NS;
+	w->long_gaps = 0;
+	__atomic_store_n(&w->window_ns, win, __ATOMIC_RELAXED);
+}
+
+/* Idle spins between clock reads: a vDSO clock_gettime costs as much as a dozen empty polls. */
+#define VN_CLOCK_EVERY		16
+/*
+ * Spin this long without work before yielding the core on every clock read.
+ * sched_yield is a ~0.5 us syscall here; yielding every few polls (as before)
+ * put it in the path of most QD1 commands while the guest, on its own core,
+ * was about to submit.  Past this point the guest is evidently not running
+ * alongside, and whatever shares our core may be what we wait for.
+ */
+#define VN_YIELD_AFTER_NS	5000
+
 void *vn_worker_main(void *arg)
 {
 	struct vn_worker *w = arg;
 	struct vn_ctrl *c = w->c;
 	struct epoll_event evs[16];
-	uint64_t idle_since = 0, t_work, cnt;
-	int i, n, work;
+	uint64_t idle_since = 0, now, cnt, woke_gap = 0;
+	unsigned int spins = 0;
+	int i, n, work, kicked;
 
+	poll_reset(w);
 	for (;;) {
 		if (__atomic_load_n(&c->pause_req, __ATOMIC_ACQUIRE)) {
 			worker_quiesce(w);
@@ -613,13 +683,15 @@ void *vn_worker_main(void *arg)
 			c->paused++;
 			pthread_cond_broadcast(&c->cond);
 			while (c->pause_req && !c->stopping)
-				pthread_cond_wait(&c->cond, &c->lock);
+				vn_cond_wait_briefly(&c->cond, &c->lock);
 			c->paused--;
 			pthread_mutex_unlock(&c->lock);
 			if (c->stopping)
 				break;
 			worker_rebuild(w);
+			poll_reset(w);
 			idle_since = 0;
+			woke_gap = 0;
 			continue;
 		}
 		w->pass++;
@@ -635,19 +707,40 @@ void *vn_worker_main(void *arg)
 			work += uring_reap(w);
 		if (w->nsig)
 			flush_signals(w);
-		if (work)
+		if (work) {
+			if (woke_gap) {
+				poll_adapt(w, woke_gap);
+				woke_gap = 0;
+			}
+			/* the window counts from the last work, not from the first idle pass */
+			idle_since = 0;
+			spins = 0;
 			continue;
-		t_work = vn_now_ns();
-		if (!idle_since)
-			idle_since = t_work;
+		}
 		w->st.polls++;
-		if (t_work - idle_since < c->poll_ns) {
+		if (woke_gap) {
+			woke_gap = 0;	/* woken, but nothing to do: a stale kick says nothing about gaps */
+			spins = 0;
+		}
+		/*
+		 * The idle clock starts at the first read, VN_CLOCK_EVERY
+		 * spins after the last work: reading it right away would put
+		 * a clock read just where the guest's next doorbell lands.
+		 */
+		if (++spins % VN_CLOCK_EVERY)
+			continue;
+		now = vn_now_ns();
+		if (!idle_since) {
+			idle_since = now;
+			continue;
+		}
+		if (now - idle_since < __atomic_load_n(&w->window_ns, __ATOMIC_RELAXED)) {
 			/*
 			 * On a shared core the guest (or anything else) may be
 			 * what we are waiting for: let it run instead of
 			 * spinning out our time slice.
 			 */
-			if (!(w->st.polls & 31))
+			if (now - idle_since >= VN_YIELD_AFTER_NS)
 				sched_yield();
 			continue;
 		}
@@ -655,11 +748,16 @@ void *vn_worker_main(void *arg)
 			continue;
 		w->st.sleeps++;
 		n = epoll_wait(w->epfd, evs, 16, w->throttled ? 1 : -1);
+		kicked = 0;
 		for (i = 0; i < n; i++) {
 			if (read(evs[i].data.fd, &cnt, sizeof(cnt)) == sizeof(cnt) &&
-			    evs[i].data.fd != w->wake_fd && evs[i].data.fd != w->ring_efd)
+			    evs[i].data.fd != w->wake_fd && evs[i].data.fd != w->ring_efd) {
 				w->st.kicks += cnt;
+				kicked = 1;
+			}
 		}
+		if (kicked)
+			woke_gap = vn_now_ns() - idle_since;
 		idle_since = 0;
 	}
 	return NULL;

@@ -69,6 +69,7 @@ struct vn_ctrl_stats {
 	uint64_t sleeps;
 	uint64_t polls;
 	uint64_t invalid_doorbells;
+	uint64_t poll_window_ns;	/* current busy-poll window (largest over the workers) */
 };
 
 struct vn_err {
@@ -91,6 +92,7 @@ struct vn_probe {
 struct vn_ctrl;
 
 struct vn_ctrl *vn_ctrl_new(int nworkers, unsigned int poll_us);
+void vn_ctrl_set_poll(struct vn_ctrl *c, unsigned int poll_us, int adaptive);
 void vn_ctrl_free(struct vn_ctrl *c);
 int vn_ctrl_start(struct vn_ctrl *c);
 void vn_ctrl_pause(struct vn_ctrl *c);

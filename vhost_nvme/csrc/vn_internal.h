@@ -16,6 +16,9 @@
 #define VN_URING_DEPTH		128
 #define VN_SQ_BUDGET		64
 #define VN_NO_FD		(-1)
+#define VN_POLL_MIN_NS		10000ull	/* adaptive window floor */
+#define VN_POLL_START_NS	50000ull	/* adaptive window after start and resume */
+#define VN_POLL_IDLE_WAKES	16		/* long gaps in a row before the window shrinks */
 
 struct vn_region {
 	uint64_t gpa;
@@ -109,13 +112,16 @@ struct vn_worker {
 	int nsig;
 	uint16_t sig[VN_MAX_VECTORS];
 	int throttled;
+	uint64_t window_ns;	/* busy-poll this long after the last work before sleeping */
+	unsigned int long_gaps;	/* wake-ups in a row that came after more than the cap */
 	struct vn_ctrl_stats st;
 	struct vn_ns_stats ns_st[VN_MAX_NS + 1];
 };
 
 struct vn_ctrl {
 	int nworkers;
-	uint64_t poll_ns;
+	uint64_t poll_ns;	/* adaptive: the window's cap; fixed: the window */
+	int poll_adaptive;
 	struct vn_worker *w[VN_MAX_WORKERS];
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
@@ -161,6 +167,7 @@ struct vn_cmd {
 };
 
 uint64_t vn_now_ns(void);
+void vn_cond_wait_briefly(pthread_cond_t *cond, pthread_mutex_t *lock);
 void vn_err_record(struct vn_ctrl *c, uint16_t sqid, uint16_t cid, uint16_t status, uint32_t nsid, uint64_t lba);
 uint16_t vn_prp_map(struct vn_ctrl *c, uint64_t prp1, uint64_t prp2, uint32_t len,
 		    struct iovec *iov, int *niov);

@@ -124,16 +124,20 @@ class EngineStats:
     sleeps: int
     polls: int
     invalid_doorbells: int
+    poll_window_ns: int = 0  # 0 from engines that predate the adaptive window
 
 
 class EngineProcess:
     """``python -m vhost_nvme.engine`` on a socket; restartable (same socket, same namespaces)."""
 
     def __init__(self, sock: Path, namespaces: list[Path], name: str = "vmtest", dbbuf: bool = True,
-                 poll_us: int = 200, log: Path | None = None, extra: list[str] | None = None) -> None:
+                 poll_us: int | None = None, log: Path | None = None, extra: list[str] | None = None) -> None:
+        """poll_us=None: the engine's default (an adaptive poll window)."""
         self.sock = sock
         self.argv = [sys.executable, "-m", "vhost_nvme.engine", "--socket", str(sock), "--name", name,
-                     "--policy", "psync", "--poll-us", str(poll_us), *(extra or [])]
+                     "--policy", "psync", *(extra or [])]
+        if poll_us is not None:
+            self.argv += ["--poll-us", str(poll_us)]
         for ns in namespaces:
             self.argv += ["--ns", str(ns)]
         if not dbbuf:
