@@ -117,12 +117,14 @@ def needs_nvmet(transports: list[str]) -> bool:
 
 @contextmanager
 def _transports(options: Options) -> Iterator[dict[str, Transport]]:
+    chosen = {name: make_transport(name, trsvcid=options.trsvcid, traddr=options.rdma_traddr)
+              for name in options.transports}
+    for name, transport in chosen.items():
+        if transport.own_baseline and len(chosen) > 1:
+            raise TransportError(f"{name} brings its own baseline, so it runs alone (--transport {name})")
     made: dict[str, Transport] = {}
     try:
-        for name in options.transports:
-            transport = make_transport(name, trsvcid=options.trsvcid, traddr=options.rdma_traddr)
-            if transport.own_baseline and len(options.transports) > 1:
-                raise TransportError(f"{name} brings its own baseline, so it runs alone (--transport {name})")
+        for name, transport in chosen.items():
             transport.prepare()
             made[name] = transport
         yield made
@@ -230,7 +232,7 @@ def _perf_job(path: Path, job: str, backend: str, transport: str, att: Attachmen
     device = att.device
     env = _env(device, options.size, ramp=options.ramp, runtime=options.runtime)
     with CpuSampler() as sampler:
-        run = att.run_fio(path, job, env, options.fio_timeout)
+        run = att.run_fio(path, job, env, timeout=options.fio_timeout)
     if not run.jobs:
         raise fio.FioError(f"{backend}/{transport} {job}: fio failed (exit {run.returncode}): {run.output_tail}")
     figures = run.jobs[0]
@@ -281,7 +283,7 @@ def _integrity_file(path: Path, disk: Disk, att: Attachment, options: IntegrityO
     if before_stage is None:
         progress.step(f"{label} ({len(stages)} stages: {', '.join(stages)})")
         started = time.monotonic()
-        run = att.run_fio(path, "", env, options.fio_timeout)
+        run = att.run_fio(path, "", env, timeout=options.fio_timeout)
         per_stage = split_by_stage(run, stages)
         seconds = round(time.monotonic() - started, 2)
         for _ in stages:
@@ -294,7 +296,7 @@ def _integrity_file(path: Path, disk: Disk, att: Attachment, options: IntegrityO
             progress.step(f"{label} · {stage}")
             before_stage(disk, att, path.stem, stage)
             started = time.monotonic()
-            per_stage[stage] = att.run_fio(path, stage, env, options.fio_timeout)
+            per_stage[stage] = att.run_fio(path, stage, env, timeout=options.fio_timeout)
             seconds = round(time.monotonic() - started, 2)
         run = per_stage[stage]
         checked = {**stage_result(stage, run), "seconds": seconds}

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from nvmetd import initiator
 from nvmetd.bench import fio
@@ -26,7 +27,11 @@ RDMA_HOST_ADDR, RDMA_PREFIX = "192.0.2.2", 24
 VETH_TARGET, VETH_HOST, RXE_NAME = "nvmb-t", "nvmb-h", "nvmb_rxe"
 BENCH_VM = "nvmetd-bench"
 
-FioRunner = Callable[[Path, str, dict[str, str], "float | None"], fio.FioRun]  # (job file, section, env, timeout)
+class FioRunner(Protocol):
+    """Runs one section of a job file (all if empty) with the given ${VAR}s, wherever the device is."""
+
+    def __call__(self, path: Path, section: str, env: dict[str, str], *,
+                 timeout: float | None = None) -> fio.FioRun: ...
 
 
 class TransportError(SystemProblem):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -34,18 +35,22 @@ def initramfs_cache() -> Path:
     return Path(tempfile.gettempdir()) / f"nvmetd-initramfs-{os.getuid()}"
 
 
-def guest_fio_command(job_text: str, section: str, env: dict[str, str]) -> str:
+def guest_fio_command(job_text: str, section: str, env: dict[str, str], tmp: str = "/tmp") -> str:
     """One shell line for the guest: write the job file, run fio, print its JSON, a marker, then its stderr.
 
-    The exit status of the line is fio's. Values are quoted; the job file is sent as a quoted here-document."""
+    The exit status of the line is fio's. Values are quoted; the job file is sent as a quoted here-document.
+    `tmp` is a directory of the guest (the tests run the same line on the host)."""
     if "\nFIOJOB\n" in f"\n{job_text}\n":
         raise fio.FioError("a job file may not contain a line 'FIOJOB'")
     assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k.isidentifier())
     section_arg = f" --section={shlex.quote(section)}" if section else ""
-    return (f"cat > /tmp/job.fio <<'FIOJOB'\n{job_text.rstrip()}\nFIOJOB\n"
-            f"cd /tmp && env {assigns} fio --output-format=json --output=/tmp/fio.json{section_arg} /tmp/job.fio "
-            f">/tmp/fio.err 2>&1; rc=$?; cat /tmp/fio.json; echo; echo {FIO_ERR_MARK}; cat /tmp/fio.err; "
-            f"rm -f /tmp/fio.json /tmp/fio.err; (exit $rc)")
+    t = shlex.quote(tmp.rstrip("/") or "/")
+    return (f"cat > {t}/job.fio <<'FIOJOB'\n{job_text.rstrip()}\nFIOJOB\n"
+            # the guest's PATH is /bin (busybox); fio sits where the host keeps it
+            f"cd {t} && env PATH=\"$PATH:/usr/bin:/usr/local/bin\" {assigns} fio --output-format=json "
+            f"--output={t}/fio.json{section_arg} {t}/job.fio "
+            f">{t}/fio.err 2>&1; rc=$?; cat {t}/fio.json; echo; echo {FIO_ERR_MARK}; cat {t}/fio.err; "
+            f"rm -f {t}/fio.json {t}/fio.err; (exit $rc)")
 
 
 def split_guest_output(out: str) -> tuple[str, str]:
@@ -61,7 +66,8 @@ class GuestFio:
         self.vm = vm
         self.label = label
 
-    def __call__(self, path: Path, section: str, env: dict[str, str], timeout: float | None = None) -> fio.FioRun:
+    def __call__(self, path: Path, section: str, env: dict[str, str], *,
+                 timeout: float | None = None) -> fio.FioRun:
         from vhost_nvme.vm import VMError
 
         command = guest_fio_command(path.read_text(), section, env)
@@ -125,15 +131,18 @@ class VhostTransport(Transport):
         image = self._backing_file(disk)
         workdir = site.workdir / f"vhost-{index}"
         workdir.mkdir(parents=True, exist_ok=True)
-        sock = workdir / "engine.sock"
+        sockdir = Path(tempfile.mkdtemp(prefix="vnb-"))  # a unix socket path has at most 107 bytes
+        sock = sockdir / "engine.sock"
         try:
-            engine = EngineProcess(sock, [image], name="bench", poll_us=self.poll_us)
+            engine = EngineProcess(sock, [image], name="bench", poll_us=self.poll_us, log=workdir / "engine.log")
         except VMError as exc:
+            shutil.rmtree(sockdir, ignore_errors=True)
             raise TransportError(f"the vhost_nvme engine did not start: {exc}") from None
         try:
             vm = self._vm(workdir / "guest", engine_sock=sock)
         except BaseException:
             engine.stop()
+            shutil.rmtree(sockdir, ignore_errors=True)
             raise
 
         def detach() -> None:
@@ -141,6 +150,7 @@ class VhostTransport(Transport):
                 vm.close()  # type: ignore[attr-defined]
             finally:
                 engine.stop()
+                shutil.rmtree(sockdir, ignore_errors=True)
 
         model = vm.check("cat /sys/class/nvme/nvme0/model")  # type: ignore[attr-defined]
         return Attachment(self.name, GUEST_DEVICE, run_fio=GuestFio(vm, "vhost-user-nvme"), detach=detach,
