@@ -15,7 +15,7 @@ from typing import Any
 from nvmetd.bench.fio import PERCENTILES
 from nvmetd.bench.report import BASELINE, METRICS, add_ratios, metric
 
-COLORS = {"baseline": "#555555", "loop": "#1f77b4", "tcp": "#ff7f0e", "rdma": "#2ca02c", "vhost-nvme": "#d62728"}
+COLORS = {"baseline": "#555555", "loop": "#1f77b4", "tcp": "#ff7f0e", "rdma": "#2ca02c", "vhost": "#d62728"}
 
 
 def _pyplot():

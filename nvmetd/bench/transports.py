@@ -21,6 +21,7 @@ from typing import Protocol
 from nvmetd import initiator
 from nvmetd.bench import fio
 from nvmetd.bench.disks import RDMA_TARGET_ADDR, Disk, Site
+from nvmetd.bench.report import DEFAULT_BASELINE
 from nvmetd.errors import SystemProblem, UserError
 
 RDMA_HOST_ADDR, RDMA_PREFIX = "192.0.2.2", 24
@@ -69,7 +70,7 @@ class Transport:
     name = ""
     needs_nvmet = True  # False: runs on a host without the in-kernel target (vhost)
     own_baseline = False  # True: baseline() gives the fair baseline, and the transport runs alone
-    baseline_label = "fio on the backend volume's own device or file, on the same host"
+    baseline_label = DEFAULT_BASELINE
 
     def prepare(self) -> None:
         """Load modules, create networks. Raise TransportError when this host cannot do it."""
