@@ -19,10 +19,14 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nvmetd.bench import fio
 from nvmetd.bench.disks import Disk, Site
 from nvmetd.bench.transports import Attachment, Transport, TransportError
+
+if TYPE_CHECKING:
+    from vhost_nvme.vm import VM
 
 GUEST_DEVICE = Path("/dev/nvme0n1")
 FIO_ERR_MARK = "@@FIOERR"
@@ -62,7 +66,7 @@ def split_guest_output(out: str) -> tuple[str, str]:
 class GuestFio:
     """Runs fio job sections inside one guest: the `run_fio` of an Attachment."""
 
-    def __init__(self, vm: object, label: str) -> None:
+    def __init__(self, vm: VM, label: str) -> None:
         self.vm = vm
         self.label = label
 
@@ -74,7 +78,7 @@ class GuestFio:
         argv = [f"guest:{self.label}", "fio", "--output-format=json", *([f"--section={section}"] if section else []),
                 str(path)]
         try:
-            rc, out = self.vm.run(command, timeout=timeout or 1800)  # type: ignore[attr-defined]
+            rc, out = self.vm.run(command, timeout=timeout or 1800)
         except VMError as exc:
             raise fio.FioError(f"fio in the {self.label} guest: {exc}") from None
         stdout, stderr = split_guest_output(out)
@@ -116,7 +120,7 @@ class VhostTransport(Transport):
                                  f"{path})")
         return path
 
-    def _vm(self, workdir: Path, **device: object) -> object:
+    def _vm(self, workdir: Path, **device: Path) -> VM:
         from vhost_nvme.vm import VM, VMError
 
         try:
@@ -147,23 +151,33 @@ class VhostTransport(Transport):
 
         def detach() -> None:
             try:
-                vm.close()  # type: ignore[attr-defined]
+                vm.close()
             finally:
                 engine.stop()
                 shutil.rmtree(sockdir, ignore_errors=True)
 
-        model = vm.check("cat /sys/class/nvme/nvme0/model")  # type: ignore[attr-defined]
+        try:
+            model = vm.check("cat /sys/class/nvme/nvme0/model")
+        except VMError as exc:
+            detach()
+            raise TransportError(f"the guest has no NVMe controller on the engine: {exc}") from None
         return Attachment(self.name, GUEST_DEVICE, run_fio=GuestFio(vm, "vhost-user-nvme"), detach=detach,
                           details={"device": str(GUEST_DEVICE), "guest_model": model.strip(),
                                    "engine_socket": str(sock), "backing_file": str(image),
                                    "kernel_transport": "pcie", "where": "TCG guest on this host"})
 
     def baseline(self, disk: Disk, site: Site) -> Attachment:
+        from vhost_nvme.vm import VMError
+
         image = self._backing_file(disk)
         vm = self._vm(site.workdir / "baseline-guest", emulated_image=image)
-        model = vm.check("cat /sys/class/nvme/nvme0/model")  # type: ignore[attr-defined]
+        try:
+            model = vm.check("cat /sys/class/nvme/nvme0/model")
+        except VMError as exc:
+            vm.close()
+            raise TransportError(f"the baseline guest has no NVMe controller: {exc}") from None
         return Attachment("baseline", GUEST_DEVICE, run_fio=GuestFio(vm, "emulated-nvme"),
-                          detach=vm.close,  # type: ignore[attr-defined]
+                          detach=vm.close,
                           details={"device": str(GUEST_DEVICE), "guest_model": model.strip(),
                                    "backing_file": str(image), "kernel_transport": "pcie",
                                    "baseline": self.baseline_label})
