@@ -97,6 +97,15 @@ def _controller(subnqn: str, trtype: str) -> str:
     raise TransportError(f"no {trtype} controller of {subnqn} on this host")
 
 
+def _authenticated(controller: str) -> str:
+    """Whether the kernel holds a DH-CHAP secret for this connection's host side (the value is never recorded)."""
+    try:
+        configured = (initiator.SYS_NVME / controller / "dhchap_secret").read_text().strip()
+    except OSError:
+        return "unknown"
+    return "no" if configured in ("", "none") else "yes"
+
+
 class FabricTransport(Transport):
     """A namespace of the bench VM's subsystem, attached by the Manager, connected from this same host."""
 
@@ -142,7 +151,7 @@ class FabricTransport(Transport):
         return Attachment(self.name, device, detach=detach,
                           details={"subsystem": res.subsystem_nqn, "host": res.host_nqn, "nsid": str(res.nsid),
                                    "controller": controller, "device": str(device), "kernel_transport": seen,
-                                   "dhchap": "yes", "why": res.why,
+                                   "dhchap": _authenticated(controller), "why": res.why,
                                    **({"traddr": f"{res.traddr}:{res.trsvcid}"} if res.traddr else {})})
 
 
