@@ -4,7 +4,8 @@ Order per backend: provision (a backends/ pool and a disk in it, through nvmetd'
 disk once so reads hit real data -> baseline jobs on the volume's own device or file -> for each transport:
 Manager.attach, connect, the same jobs, disconnect, Manager.detach -> delete the disk and the pool. The baseline
 is measured in the same run, on the same disk, so a ratio compares like with like. A transport with its own
-baseline (vhost: the same guest on QEMU's emulated NVMe) runs alone and measures that instead.
+baseline (vhost: the same guest on QEMU's emulated NVMe) runs alone and measures that instead, job by job
+alternating with the transport (both guests up at once).
 
 Integrity runs go stage by stage (one fio process per job section): a person sees which stage is running, a
 failure names its stage, and a test can act between stages (corrupt the backing store before the read-back).
@@ -210,6 +211,10 @@ def run_perf(options: PerfOptions, cfs: ConfigFS | None, progress: Progress | No
             with _disk(site, backend, options.size) as disk:
                 progress.note(f"{backend}: {disk.device_path}, {options.size >> 20} MiB; filling it once")
                 _prefill(disk.device_path, options.size)
+                own = [t for t in transports.values() if t.own_baseline]
+                if own:
+                    _perf_alternating(path, jobs, backend, own[0], disk, site, options, report, progress)
+                    continue
                 with _baseline(transports, disk, site) as base:
                     report["attachments"].append({"backend": backend, "transport": BASELINE, **base.details})
                     for job in jobs:
@@ -225,6 +230,22 @@ def run_perf(options: PerfOptions, cfs: ConfigFS | None, progress: Progress | No
                             progress.done_step()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report
+
+
+def _perf_alternating(path: Path, jobs: list[str], backend: str, transport: Transport, disk: Disk, site: Site,
+                      options: PerfOptions, report: dict[str, Any], progress: Progress) -> None:
+    """A transport with its own baseline (two guests on one host): both up at once, each job on the baseline then
+    on the transport, so a change in the host's load (other VMs, other users) hits both sides of a ratio alike."""
+    per_job = options.runtime + options.ramp
+    with _baseline({transport.name: transport}, disk, site) as base, \
+            _attached(transport, disk, site, 0) as att:
+        report["attachments"] += [{"backend": backend, "transport": BASELINE, **base.details},
+                                  {"backend": backend, "transport": transport.name, **att.details}]
+        for job in jobs:
+            for label, where in ((BASELINE, base), (transport.name, att)):
+                progress.step(f"{backend} · {label} · {job}", per_job)
+                report["results"].append(_perf_job(path, job, backend, label, where, options))
+                progress.done_step()
 
 
 def _perf_job(path: Path, job: str, backend: str, transport: str, att: Attachment,
