@@ -13,10 +13,10 @@ import pytest
 
 from nvmetd import cli as nvmetctl
 from nvmetd.bench import cli as bench_cli
-from nvmetd.bench import fio
+from nvmetd.bench import fio, transports
 from nvmetd.bench.disks import Site, provision, read_behind, write_behind
-from nvmetd.bench.runner import Options, _transports
-from nvmetd.bench.transports import TransportError
+from nvmetd.bench.runner import Options, PerfOptions, _transports, run_perf
+from nvmetd.bench.transports import Attachment, Transport, TransportError
 from nvmetd.bench.vhost import guest_fio_command, split_guest_output
 from vhost_nvme.vm import shared_libraries
 
@@ -116,3 +116,49 @@ def test_both_entry_points_share_exit_codes(main, tmp_path: Path, capsys: pytest
                                 "passed": False}))
     assert main(["bench", "report", str(good), "--out", str(good / "sub")]) == 3  # an OSError: the system
     assert "error:" in capsys.readouterr().err
+
+
+class _FakeGuest(Transport):
+    """A transport with its own baseline whose "guests" are fio on this host, recording what ran where."""
+
+    name = "fakeguest"
+    needs_nvmet = False
+    own_baseline = True
+    baseline_label = "the fake baseline"
+
+    def __init__(self, **_options: object) -> None:
+        self.log: list[tuple[str, str]] = []
+
+    def _att(self, label: str, disk) -> Attachment:
+        def run(path: Path, section: str, env: dict[str, str], *, timeout: float | None = None) -> fio.FioRun:
+            self.log.append((label, section))
+            return fio.run_fio(path, section, env, timeout=timeout)
+
+        self.log.append((label, "up"))
+        return Attachment(label, Path(disk.device_path), run_fio=run,
+                          detach=lambda: self.log.append((label, "down")), details={"where": label})
+
+    def attach(self, disk, site, index: int) -> Attachment:
+        return self._att(self.name, disk)
+
+    def baseline(self, disk, site) -> Attachment:
+        return self._att("baseline", disk)
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_own_baseline_alternates_job_by_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeGuest()
+    monkeypatch.setitem(transports.TRANSPORTS, "fakeguest", lambda **_: fake)
+    options = PerfOptions(backends=["file"], transports=["fakeguest"], size=4 * MIB, workdir=tmp_path,
+                          jobs=["randread-4k-qd1", "randwrite-4k-qd1"], runtime=1, ramp=0)
+    data = run_perf(options, None)
+
+    jobs = ["randread-4k-qd1", "randwrite-4k-qd1"]
+    assert fake.log == [("baseline", "up"), ("fakeguest", "up"),
+                        *[(side, job) for job in jobs for side in ("baseline", "fakeguest")],
+                        ("fakeguest", "down"), ("baseline", "down")]
+    assert [(r["transport"], r["job"]) for r in data["results"]] == \
+        [(side, job) for job in jobs for side in ("baseline", "fakeguest")]
+    assert all(r["ios"] > 0 for r in data["results"])
+    assert data["params"]["baseline"] == "the fake baseline"
+    assert [a["where"] for a in data["attachments"]] == ["baseline", "fakeguest"]
