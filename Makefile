@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
 
-.PHONY: setup demo test bench bench-target bench-backends lint clean
+.PHONY: setup demo test bench bench-vhost bench-target bench-backends lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -16,10 +16,15 @@ test: $(STAMP)
 
 # fio matrix in the rig VM (every backend x transport vs the raw device), then the plots on the host (fast there).
 BENCH_OUT ?= bench-out/latest
-BENCH_ARGS ?= --backend file,loop,nullblk --transport loop,tcp,rdma
+BENCH_ARGS ?= --backend file,nullblk,lvm --transport loop,tcp,rdma
 bench: $(STAMP)
 	.venv/bin/python -m rig --memory 4G --timeout 7200 -- .venv/bin/python -m nvmetd.bench perf --out $(BENCH_OUT) $(BENCH_ARGS)
 	.venv/bin/python -m nvmetd.bench report $(BENCH_OUT)/report.json > /dev/null
+
+# the vhost transport runs on the host (its guest is TCG): the same jobs vs the same guest on QEMU's emulated NVMe
+BENCH_VHOST_ARGS ?= --size 64M --runtime 5 --ramp 1
+bench-vhost: $(STAMP)
+	.venv/bin/python -m nvmetd.bench perf --transport vhost --backend file --out bench-out/vhost $(BENCH_VHOST_ARGS)
 
 # control plane: 1,000 subsystems into an empty tree, re-apply, one more (add NVMETCLI_SRC=dir for the baseline)
 bench-target: $(STAMP)

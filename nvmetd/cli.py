@@ -15,16 +15,16 @@ from typing import Any
 
 import click
 
-from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE, SystemProblem, UserError
+from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE, run_cli
 from nvmetd.vms import SUBSYSTEM_PREFIX, vhost_device_id
 from target.apply import ApplyResult, apply_state, diff
-from target.configfs import NVMET_ROOT, ConfigFS, ConfigfsError
-from target.features import FeatureError, load_modules, require
+from target.configfs import NVMET_ROOT, ConfigFS
+from target.features import load_modules, require
 from target.live import read_state
-from target.model import StateError, TargetState, parse_state
+from target.model import TargetState, parse_state
 from target.nvmetcli import export_config, import_config
 from target.restore import restore
-from target.store import DEFAULT_PATH, StateStore, StoreError, set_target
+from target.store import DEFAULT_PATH, StateStore, set_target
 
 
 class Context:
@@ -412,31 +412,18 @@ def vm_show(obj: Context, name: str) -> None:
     obj.emit(result, json.dumps(result, indent=2))
 
 
+def _mount_bench() -> None:
+    """`nvmetctl bench ...` is the fio harness's own click group (python -m nvmetd.bench), mounted as it is."""
+    from nvmetd.bench.cli import bench
+
+    cli.add_command(bench, name="bench")
+
+
+_mount_bench()
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="nvmetctl", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE
-    except click.exceptions.Abort:
-        return _fail("aborted", EXIT_USAGE)
-    except StateError as exc:
-        return _fail(f"invalid state:\n{exc}", EXIT_USAGE)
-    except (UserError, SystemProblem) as exc:
-        return _fail(str(exc), exc.exit_code)
-    except FeatureError as exc:
-        return _fail(str(exc), EXIT_SYSTEM)
-    except StoreError as exc:
-        return _fail(str(exc), EXIT_SYSTEM)
-    except ConfigfsError as exc:
-        return _fail(str(exc), EXIT_SYSTEM)
-    except PermissionError as exc:
-        return _fail(f"permission denied: {exc.filename} (nvmetctl needs root)", EXIT_SYSTEM)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0
-    return 0
+    return run_cli(cli, argv, "nvmetctl", "nvmetctl")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_NOT_CONVERGED = 1  # the command worked, but the kernel does not (yet) match the desired state
 EXIT_USAGE = 2  # bad input: the message says which field or argument
@@ -18,3 +20,43 @@ class SystemProblem(Exception):
     """The host cannot do what was asked; shown as one line, exit code 3."""
 
     exit_code = EXIT_SYSTEM
+
+
+def run_cli(command: Any, argv: list[str] | None, prog_name: str, label: str) -> int:
+    """Run a click command and turn whatever it lets through into one line on stderr and the exit code above.
+
+    Shared by nvmetctl and `python -m nvmetd.bench` (also mounted as `nvmetctl bench`), so a failure means the same
+    exit code whichever way the command was started."""
+    import click
+
+    from target.configfs import ConfigfsError
+    from target.features import FeatureError
+    from target.model import StateError
+    from target.store import StoreError
+
+    def fail(message: str, code: int) -> int:
+        click.echo(f"{label}: error: {message}", err=True)
+        return code
+
+    try:
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        return fail("aborted", EXIT_USAGE)
+    except StateError as exc:
+        return fail(f"invalid state:\n{exc}", EXIT_USAGE)
+    except (UserError, SystemProblem) as exc:
+        return fail(str(exc), exc.exit_code)
+    except (FeatureError, StoreError, ConfigfsError) as exc:
+        return fail(str(exc), EXIT_SYSTEM)
+    except PermissionError as exc:
+        return fail(f"permission denied: {exc.filename} ({label} needs root)", EXIT_SYSTEM)
+    except OSError as exc:  # e.g. an output directory that cannot be written
+        return fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_SYSTEM)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return EXIT_OK

@@ -1,8 +1,9 @@
-"""`python -m nvmetd.bench`: the command line of the fio harness (`nvmetctl bench` will mount the same group).
+"""`python -m nvmetd.bench`: the command line of the fio harness; `nvmetctl bench` mounts the same group.
 
 Writes everything into one directory per run (default bench-out/<kind>-<time>/): report.json (every figure),
 report.md (the table), PNG plots. Progress goes to stderr, so `--json` output on stdout stays clean.
-Exit codes: 0 done (integrity: all passed), 1 integrity failure, 2 bad input, 3 this host cannot run it.
+Exit codes (nvmetd.errors, shared with nvmetctl): 0 done (integrity: all passed), 1 integrity failure, 2 bad
+input, 3 this host cannot run it.
 """
 
 from __future__ import annotations
@@ -18,19 +19,17 @@ from typing import Any
 import click
 
 from nvmetd.bench import plots, report
-from nvmetd.bench.disks import PROVISIONERS, DiskError
-from nvmetd.bench.export import ExportError
-from nvmetd.bench.fio import FioError
+from nvmetd.bench.disks import BACKENDS
 from nvmetd.bench.progress import RichProgress
-from nvmetd.bench.runner import IntegrityOptions, PerfOptions, run_integrity, run_perf
-from nvmetd.bench.transports import TRANSPORTS, TransportError
-from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE
+from nvmetd.bench.runner import IntegrityOptions, PerfOptions, needs_nvmet, run_integrity, run_perf
+from nvmetd.bench.transports import TRANSPORTS
+from nvmetd.errors import EXIT_NOT_CONVERGED, SystemProblem, run_cli
 from target.configfs import NVMET_ROOT, ConfigFS
 
 _SIZE_RE = re.compile(r"^(\d+)([kmgt]?)(i?b)?$", re.IGNORECASE)
 
 
-class HostError(Exception):
+class HostError(SystemProblem):
     """This host cannot run the benchmark (not root, no nvmet): exit 3."""
 
 
@@ -73,7 +72,10 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def _target() -> ConfigFS:
+def _target(transports: list[str]) -> ConfigFS | None:
+    """The nvmet tree, or None when every chosen transport runs without one (vhost runs on this host)."""
+    if not needs_nvmet(transports):
+        return None
     if os.geteuid() != 0:
         raise HostError("needs root (it creates disks, nvmet exports and connections); in the project, "
                         "`make bench` runs it inside the rig VM")
@@ -104,10 +106,12 @@ def _compare_into(new: dict[str, Any], old: dict[str, Any], out: Path, threshold
 
 
 common_options = [
-    click.option("--backend", "backends", default="file", show_default=True, callback=_csv(list(PROVISIONERS)),
-                 help=f"comma-separated: {', '.join(PROVISIONERS)}"),
+    click.option("--backend", "backends", default="file", show_default=True, callback=_csv(list(BACKENDS)),
+                 help=f"comma-separated backends/ pool kinds: {', '.join(BACKENDS)}"),
     click.option("--transport", "transports", default="loop,tcp", show_default=True,
-                 callback=_csv(list(TRANSPORTS)), help=f"comma-separated: {', '.join(TRANSPORTS)}"),
+                 callback=_csv(list(TRANSPORTS)),
+                 help=f"comma-separated: {', '.join(TRANSPORTS)} (vhost runs alone, on the host, against a guest "
+                      "on QEMU's emulated NVMe)"),
     click.option("--out", type=click.Path(path_type=Path), help="output directory [bench-out/<kind>-<time>]"),
     click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
                  help="where backing files go; must be tmpfs or a real filesystem [/run]"),
@@ -147,7 +151,7 @@ def perf(backends: list[str], transports: list[str], out: Path | None, workdir: 
          job_file: str, compare_with: Path | None, threshold: float, plots_now: bool | None) -> None:
     """The performance matrix: every job on the raw device, then through each transport; ratios, table, plots."""
     old = _load(compare_with) if compare_with else None
-    cfs = _target()
+    cfs = _target(transports)
     options = PerfOptions(backends=backends, transports=transports, size=size, workdir=workdir, trsvcid=trsvcid,
                           rdma_traddr=rdma_traddr, job_file=job_file, jobs=list(jobs), runtime=runtime, ramp=ramp)
     with RichProgress() as progress:
@@ -179,7 +183,7 @@ def perf(backends: list[str], transports: list[str], out: Path | None, workdir: 
 def integrity(backends: list[str], transports: list[str], out: Path | None, workdir: Path | None, trsvcid: int,
               rdma_traddr: str | None, as_json: bool, size: int, loops: int, trim: bool) -> None:
     """Checksummed writes and full read-back through each transport; exit 1 if any block came back wrong."""
-    cfs = _target()
+    cfs = _target(transports)
     options = IntegrityOptions(backends=backends, transports=transports, size=size, workdir=workdir,
                                trsvcid=trsvcid, rdma_traddr=rdma_traddr, loops=loops,
                                job_files=["integrity", "integrity-trim"] if trim else ["integrity"])
@@ -222,25 +226,7 @@ def compare_cmd(new: Path, old: Path, out: Path | None, threshold: float, as_jso
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        bench.main(args=argv, prog_name="python -m nvmetd.bench", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE
-    except click.exceptions.Abort:
-        click.echo("bench: aborted", err=True)
-        return EXIT_USAGE
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except (HostError, DiskError, TransportError, ExportError, FioError) as exc:
-        click.echo(f"bench: error: {exc}", err=True)
-        return EXIT_SYSTEM
-    except OSError as exc:  # e.g. an output directory that cannot be written
-        click.echo(f"bench: error: {exc.filename or ''}: {exc.strerror}", err=True)
-        return EXIT_SYSTEM
-    return 0
+    return run_cli(bench, argv, "python -m nvmetd.bench", "bench")
 
 
 if __name__ == "__main__":

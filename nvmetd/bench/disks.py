@@ -1,37 +1,62 @@
-"""The disks the benchmark exports: made here until the project's backend registry (backends/) can make them.
+"""The disks the benchmark measures, made and exported the way users get theirs: backends/ pools and nvmetd's Manager.
 
-THE SEAM: `provision(backend, name, size, workdir)` is the only place the harness asks for a disk, and `Disk` is
-all it keeps. When backends/ has a registry, `provision` looks the name up there first and wraps what it returns in
-a `Disk`; nothing else in the harness changes. The three kinds here cover the cheap, dependency-free cases:
+A `Site` is one run's private nvmetd: a Manager with its own state file, pool registry and key directory in the
+run's work directory. Its declared target tree is seeded with the live tree as found, so the Manager's reconcile
+(which prunes whatever is not declared) keeps every export that was there before the run, and removes exactly what
+the run added. Its ports are benchmark ports (ids from BENCH_PORT_BASE, the run's TCP/RDMA service port), so they
+never collide with a host's real ports.
 
-- `file`:    a sparse file on tmpfs, exported as an nvmet *file* namespace (the kernel's vfs path).
-- `loop`:    the same file behind a loop device, exported as a *block* namespace (the bio path).
-- `nullblk`: a memory-backed null_blk device (configfs), a block device with almost no cost of its own, so what is
-             left is the cost of the path. Memory-backed, so data survives and the integrity jobs can check it.
+`provision(site, backend, name, size)` creates a pool of that kind (backends.pools.create_pool) and a disk in it
+(Manager.create_disk); the raw baseline is the volume's own device or file (`pool.attach(name)`), the measured
+path is what `Manager.attach` exports (see transports.py). Pool kinds and what they sit on:
+
+- `file`:    a directory on tmpfs; nvmet serves the volume file as a *file* namespace (the kernel's vfs path).
+- `nullblk`: memory-backed null_blk devices, a block device with almost no cost of its own, so what is left is
+             the cost of the path. Memory-backed, so data survives and the integrity jobs can check it.
+- `lvm`:     an LVM thin pool on a loop device over a sparse file on tmpfs (dm-thin, the bio path).
+- `zfs`:     a zpool on a loop device over a sparse file on tmpfs (zvols).
 
 Backing files belong on tmpfs: on the rig's overlay root a file namespace is broken (kernel-rig.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-NULLB_ROOT = Path("/sys/kernel/config/nullb")
+from backends.errors import BackendError
+from nvmetd.errors import SystemProblem, UserError
+from target.configfs import ConfigFS
+from target.live import read_state
+from target.model import StateError, parse_state
+from target.store import StateStore, set_target
+
+BACKENDS = ("file", "nullblk", "lvm", "zfs")
+BENCH_PORT_BASE = 0xB00  # port ids the benchmark's Manager uses: ours to create and remove
+# TEST-NET-1 (RFC 5737): never routed, so a veth pair with these addresses cannot collide with a real network
+RDMA_TARGET_ADDR = "192.0.2.1"
+DAEMON_SOCKET = Path("/run/nvmetd/nvmetd.sock")
+MIB = 1 << 20
+# LVM thin metadata, ZFS labels and reservations need room beside the volume itself
+POOL_HEADROOM = 128 * MIB
 
 
-class DiskError(Exception):
+class DiskError(SystemProblem):
     """A disk could not be made (missing module, no loop device, no memory): says what to do."""
 
 
 @dataclass
 class Disk:
-    backend: str
-    device_path: str  # what nvmet exports and what the baseline runs fio on
+    backend: str  # the pool kind
+    name: str  # the disk's name in the Manager
+    pool: str
+    device_path: str  # the volume's own device or file: the raw baseline
     size: int
     backing_path: str  # the bytes behind device_path: where a corruption test writes garbage
     cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -42,10 +67,11 @@ class Disk:
         while self.cleanup:
             try:
                 self.cleanup.pop()()
-            except (OSError, subprocess.CalledProcessError) as exc:
+            except (OSError, subprocess.CalledProcessError, BackendError, UserError, SystemProblem,
+                    DiskError) as exc:
                 errors.append(str(exc))
         if errors:
-            raise DiskError(f"cleaning up {self.device_path}: {'; '.join(errors)}")
+            raise DiskError(f"cleaning up {self.name}: {'; '.join(errors)}")
 
 
 def _run(*argv: str) -> str:
@@ -57,77 +83,89 @@ def _run(*argv: str) -> str:
         raise DiskError(f"{' '.join(argv)} failed: {exc.stderr.strip()}") from None
 
 
+class Site:
+    """One run's private nvmetd control plane (see the module docstring)."""
+
+    def __init__(self, cfs: ConfigFS | None, workdir: Path, trsvcid: int = 4460, rdma_traddr: str | None = None,
+                 daemon_socket: Path = DAEMON_SOCKET) -> None:
+        """`cfs` None: no nvmet on this host (the vhost transport); disks only, nothing exported through nvmet."""
+        from nvmetd.manager import Manager
+
+        if daemon_socket.exists():
+            # its drift repair (every 30 s) would take the benchmark's exports away mid-run
+            raise DiskError(f"nvmetd is running ({daemon_socket}): stop it for the benchmark "
+                            "(`systemctl stop nvmetd`); its drift repair would remove the benchmark's exports")
+        self.cfs = cfs
+        self.workdir = workdir
+        self.pools_root = workdir / "pools"
+        store = StateStore(workdir / "state.json")
+        try:
+            live = parse_state(read_state(cfs).canonical().model_dump(mode="json")) if cfs is not None else None
+        except StateError as exc:
+            raise DiskError(f"the live nvmet tree does not validate, so the benchmark cannot keep it intact: {exc}") \
+                from None
+        with store.transaction() as doc:
+            if live is not None:
+                set_target(doc, live)
+            doc["ports"] = {"tcp_id": BENCH_PORT_BASE, "tcp_address": "127.0.0.1", "tcp_port": str(trsvcid),
+                            "loop_id": BENCH_PORT_BASE + 1, "rdma_id": BENCH_PORT_BASE + 2,
+                            "rdma_address": rdma_traddr or RDMA_TARGET_ADDR, "rdma_port": str(trsvcid)}
+        self.manager = Manager(store, cfs or ConfigFS(), pools_root=self.pools_root, keys_dir=workdir / "keys")
+
+    def pool(self, name: str) -> Any:
+        from backends import pools
+
+        return pools.open_pool(name, self.pools_root)
+
+
 def _sparse_file(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
     return path
 
 
-def file_disk(name: str, size: int, workdir: Path) -> Disk:
-    path = _sparse_file(workdir / f"{name}.img", size)
-    return Disk("file", str(path), size, str(path), [lambda: path.unlink(missing_ok=True)])
-
-
-def loop_disk(name: str, size: int, workdir: Path) -> Disk:
-    path = _sparse_file(workdir / f"{name}.img", size)
-    disk = Disk("loop", "", size, str(path), [lambda: path.unlink(missing_ok=True)])
+def _loop_device(disk: Disk, path: Path) -> str:
     subprocess.run(["modprobe", "-q", "loop"], check=False, capture_output=True)
     dev = _run("losetup", "--find", "--show", str(path))
+    disk.cleanup.append(lambda: path.unlink(missing_ok=True))
     disk.cleanup.append(lambda: _run("losetup", "--detach", dev) and None)
-    disk.device_path = dev
-    return disk
+    return dev
 
 
-def nullblk_disk(name: str, size: int, workdir: Path) -> Disk:
-    # nr_devices=0: loading it plainly would also create a nullb0 nobody asked for
-    subprocess.run(["modprobe", "-q", "null_blk", "nr_devices=0"], check=False, capture_output=True)
-    if not NULLB_ROOT.is_dir():
-        raise DiskError(f"{NULLB_ROOT} is missing: this kernel has no null_blk with configfs (modprobe null_blk)")
-    node = NULLB_ROOT / name  # the configfs name becomes the disk name: /dev/<name>
+def _pool_devices(backend: str, disk: Disk, size: int, workdir: Path) -> tuple[list[str], dict[str, Any]]:
+    """What create_pool needs for `backend`: its devices and options, made on tmpfs."""
+    if backend == "file":
+        return [str(workdir / f"pool-{disk.pool}")], {}
+    if backend == "nullblk":
+        return [], {"capacity": size + POOL_HEADROOM}
+    if backend in ("lvm", "zfs"):
+        image = _sparse_file(workdir / f"pool-{disk.pool}.img", size + 2 * POOL_HEADROOM)
+        return [_loop_device(disk, image)], {}
+    raise DiskError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+
+def provision(site: Site, backend: str, name: str, size: int) -> Disk:
+    """Make a pool of kind `backend` and a disk of `size` bytes in it, through backends/ and the Manager."""
+    from backends import pools
+
+    if backend not in BACKENDS:
+        raise DiskError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    pool_name = f"bench-{backend}"
+    disk = Disk(backend, name, pool_name, "", size, "")
     try:
-        node.mkdir()
-    except FileExistsError:
-        raise DiskError(f"null_blk device {name} already exists (left by an earlier run?): "
-                        f"echo 0 > {node}/power; rmdir {node}") from None
-    disk = Disk("nullblk", f"/dev/{name}", size, f"/dev/{name}", [node.rmdir])
-    for attr, value in (("size", str(max(1, size >> 20))), ("memory_backed", "1"), ("discard", "1"),
-                        ("power", "1")):
-        try:
-            (node / attr).write_text(value)
-        except OSError as exc:
+        devices, options = _pool_devices(backend, disk, size, site.workdir)
+        pools.create_pool(backend, pool_name, devices, root=site.pools_root, **options)
+        disk.cleanup.append(lambda: pools.destroy_pool(pool_name, site.pools_root, force=True))
+        site.manager.create_disk(name, pool_name, size)
+        disk.cleanup.append(lambda: site.manager.delete_disk(name))
+        volume = site.pool(pool_name)
+        disk.device_path = volume.attach(name)
+        disk.backing_path = volume.device_path(name)
+    except (BackendError, UserError, SystemProblem, DiskError) as exc:
+        with contextlib.suppress(DiskError):
             disk.destroy()
-            raise DiskError(f"null_blk {name}: cannot set {attr}={value}: {exc.strerror}") from None
-    disk.cleanup.append(lambda: (node / "power").write_text("0") and None)
-    if not _wait_for(Path(disk.device_path)):
-        disk.destroy()
-        raise DiskError(f"null_blk {name} was created but {disk.device_path} did not appear")
+        raise DiskError(f"{backend} disk {name}: {exc}") from None
     return disk
-
-
-def _wait_for(path: Path, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-PROVISIONERS: dict[str, Callable[[str, int, Path], Disk]] = {
-    "file": file_disk,
-    "loop": loop_disk,
-    "nullblk": nullblk_disk,
-}
-
-
-def provision(backend: str, name: str, size: int, workdir: Path) -> Disk:
-    """Make a disk of `size` bytes. The one seam where backends/ plugs in (see the module docstring)."""
-    maker = PROVISIONERS.get(backend)
-    if maker is None:
-        raise DiskError(f"unknown backend {backend!r} (known: {', '.join(PROVISIONERS)})")
-    return maker(name, size, workdir)
 
 
 def write_behind(disk: Disk, offset: int, data: bytes) -> None:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nvmetd.errors import SystemProblem
+
 JOBS_DIR = Path(__file__).resolve().parent.parent.parent / "fio_jobs"
 PERCENTILES = {"p50": "50.000000", "p90": "90.000000", "p99": "99.000000", "p99.9": "99.900000",
                "p99.99": "99.990000"}
@@ -25,7 +27,7 @@ _VERIFY_RE = re.compile(r"^(?P<kind>[\w .-]+?): (?P<why>.*?)\s*at file (?P<file>
                         r"length (?P<length>\d+)", re.MULTILINE)
 
 
-class FioError(Exception):
+class FioError(SystemProblem):
     """fio is missing, or produced nothing we can read: not a data problem, a harness or setup problem."""
 
 

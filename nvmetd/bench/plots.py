@@ -1,4 +1,5 @@
-"""PNG plots of a run: what each path costs relative to the raw device, and how its latency tail grows.
+"""PNG plots of a run: what each path costs relative to the baseline (the raw device; for vhost the guest on
+QEMU's emulated NVMe), and how its latency tail grows.
 
 - ratios.png:  per backend, for every job, one bar per transport: IOPS and CPU per I/O as a multiple of the raw
                device (the dashed line at 1.0 is "as good as raw"). The picture answers "what does a path cost".
@@ -15,7 +16,7 @@ from typing import Any
 from nvmetd.bench.fio import PERCENTILES
 from nvmetd.bench.report import BASELINE, METRICS, add_ratios, metric
 
-COLORS = {"baseline": "#555555", "loop": "#1f77b4", "tcp": "#ff7f0e", "rdma": "#2ca02c", "vhost-nvme": "#d62728"}
+COLORS = {"baseline": "#555555", "loop": "#1f77b4", "tcp": "#ff7f0e", "rdma": "#2ca02c", "vhost": "#d62728"}
 
 
 def _pyplot():
@@ -38,8 +39,8 @@ def plot_ratios(report: dict[str, Any], out: Path) -> Path:
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     transports = list(dict.fromkeys(r["transport"] for r in rows if r["transport"] != BASELINE))
     jobs = list(dict.fromkeys(r["job"] for r in rows))
-    shown = [("iops", "IOPS vs raw device (higher is better)"),
-             ("cpu_us_per_io", "CPU per I/O vs raw device (lower is better)")]
+    shown = [("iops", "IOPS vs baseline (higher is better)"),
+             ("cpu_us_per_io", "CPU per I/O vs baseline (lower is better)")]
     fig, axes = plt.subplots(len(shown), len(backends), figsize=(max(6.0, 5.5 * len(backends)), 7.5),
                              squeeze=False, sharey="row")
     width = 0.8 / max(1, len(transports))
@@ -64,7 +65,7 @@ def plot_ratios(report: dict[str, Any], out: Path) -> Path:
             ax.margins(y=0.25)
             ax.grid(True, axis="y", which="both", alpha=0.3)
             if col == 0:
-                ax.set_ylabel("x raw device (log)")
+                ax.set_ylabel("x baseline (log)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(_subtitle(report), fontsize=9)
     fig.tight_layout()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 BASELINE = "baseline"  # the transport name of the raw-device rows
+DEFAULT_BASELINE = "fio on the backend volume's own device or file, on the same host"
 
 # name, how to read it from a result row, unit shown, whether higher is better
 METRICS: list[tuple[str, str, bool]] = [
@@ -87,8 +88,10 @@ def markdown(report: dict[str, Any]) -> str:
         + (", inside the rig VM (qemu TCG: absolute figures are context only, the ratios are the result)"
            if host.get("in_rig") else "")
         + f". Disk {int(params.get('size', 0)) >> 20} MiB, ramp {params.get('ramp_s', '?')} s, "
-        f"runtime {params.get('runtime_s', '?')} s per job. Each cell: value (ratio to the raw device). "
+        f"runtime {params.get('runtime_s', '?')} s per job. Each cell: value (ratio to the baseline). "
         "CPU µs/IO: busy time of all host CPUs per completed I/O. Lower is better for latency and CPU.",
+        "",
+        f"Baseline: {params.get('baseline') or DEFAULT_BASELINE}.",
     ]
     header = "| job | path | " + " | ".join(label for _, label, _ in METRICS) + " |"
     rule = "|---|---|" + "---:|" * len(METRICS)
@@ -113,7 +116,7 @@ def markdown(report: dict[str, Any]) -> str:
 def summary(report: dict[str, Any]) -> str:
     """The headline: geometric-mean ratio per transport across jobs and backends."""
     add_ratios(report)
-    lines = ["## Summary: geometric mean of the ratios to the raw device, all jobs and backends", "",
+    lines = ["## Summary: geometric mean of the ratios to the baseline, all jobs and backends", "",
              "| path | " + " | ".join(label for _, label, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     transports = list(dict.fromkeys(r["transport"] for r in report["results"] if r["transport"] != BASELINE))
     for transport in transports:

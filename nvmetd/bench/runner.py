@@ -1,8 +1,11 @@
 """The benchmark loop: for each backend, make the disk, measure it raw (the baseline), then through each transport.
 
-Order per backend: provision -> (perf only) fill the disk once so reads hit real data -> baseline jobs on the raw
-device -> for each transport: export, connect, the same jobs, disconnect, unexport -> destroy the disk. The
-baseline is measured in the same run, on the same disk, so a ratio compares like with like.
+Order per backend: provision (a backends/ pool and a disk in it, through nvmetd's Manager) -> (perf only) fill the
+disk once so reads hit real data -> baseline jobs on the volume's own device or file -> for each transport:
+Manager.attach, connect, the same jobs, disconnect, Manager.detach -> delete the disk and the pool. The baseline
+is measured in the same run, on the same disk, so a ratio compares like with like. A transport with its own
+baseline (vhost: the same guest on QEMU's emulated NVMe) runs alone and measures that instead, job by job
+alternating with the transport (both guests up at once).
 
 Integrity runs go stage by stage (one fio process per job section): a person sees which stage is running, a
 failure names its stage, and a test can act between stages (corrupt the backing store before the read-back).
@@ -22,9 +25,9 @@ from typing import Any, Protocol
 
 from nvmetd.bench import disks, fio
 from nvmetd.bench.cpu import CpuSampler
-from nvmetd.bench.disks import Disk
+from nvmetd.bench.disks import Disk, Site
 from nvmetd.bench.report import BASELINE
-from nvmetd.bench.transports import Attachment, Transport, make_transport
+from nvmetd.bench.transports import Attachment, Transport, TransportError, make_transport
 from target.configfs import ConfigFS
 
 SCHEMA = "nvmetd.bench/1"
@@ -100,20 +103,29 @@ def _is_tmpfs(path: Path) -> bool:
 
 
 @contextmanager
-def _workdir(options: Options) -> Iterator[Path]:
+def _site(options: Options, cfs: ConfigFS | None) -> Iterator[Site]:
+    """A work directory on tmpfs holding the run's private nvmetd (state, pools, keys) and its backing files."""
     path = Path(tempfile.mkdtemp(prefix="nvmetd-bench-", dir=options.workdir or default_workdir()))
     try:
-        yield path
+        yield Site(cfs, path, trsvcid=options.trsvcid, rdma_traddr=options.rdma_traddr)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def needs_nvmet(transports: list[str]) -> bool:
+    return any(make_transport(name).needs_nvmet for name in transports)
+
+
 @contextmanager
 def _transports(options: Options) -> Iterator[dict[str, Transport]]:
+    chosen = {name: make_transport(name, trsvcid=options.trsvcid, traddr=options.rdma_traddr)
+              for name in options.transports}
+    for name, transport in chosen.items():
+        if transport.own_baseline and len(chosen) > 1:
+            raise TransportError(f"{name} brings its own baseline, so it runs alone (--transport {name})")
     made: dict[str, Transport] = {}
     try:
-        for name in options.transports:
-            transport = make_transport(name, trsvcid=options.trsvcid + len(made), traddr=options.rdma_traddr)
+        for name, transport in chosen.items():
             transport.prepare()
             made[name] = transport
         yield made
@@ -122,9 +134,14 @@ def _transports(options: Options) -> Iterator[dict[str, Transport]]:
             transport.teardown()
 
 
+def baseline_label(transports: dict[str, Transport]) -> str:
+    own = [t for t in transports.values() if t.own_baseline]
+    return own[0].baseline_label if own else Transport.baseline_label
+
+
 @contextmanager
-def _disk(backend: str, size: int, workdir: Path) -> Iterator[Disk]:
-    disk = disks.provision(backend, f"nvmb{backend[:4]}0", size, workdir)
+def _disk(site: Site, backend: str, size: int) -> Iterator[Disk]:
+    disk = disks.provision(site, backend, f"nvmb-{backend}-0", size)
     try:
         yield disk
     finally:
@@ -132,8 +149,22 @@ def _disk(backend: str, size: int, workdir: Path) -> Iterator[Disk]:
 
 
 @contextmanager
-def _attached(transport: Transport, disk: Disk, cfs: ConfigFS, index: int) -> Iterator[Attachment]:
-    attachment = transport.attach(disk, cfs, index)
+def _attached(transport: Transport, disk: Disk, site: Site, index: int) -> Iterator[Attachment]:
+    attachment = transport.attach(disk, site, index)
+    try:
+        yield attachment
+    finally:
+        attachment.detach()
+
+
+@contextmanager
+def _baseline(transports: dict[str, Transport], disk: Disk, site: Site) -> Iterator[Attachment]:
+    """Where the baseline jobs run: the raw volume on this host, or the one transport's own baseline."""
+    own = [t for t in transports.values() if t.own_baseline]
+    if not own:
+        yield Attachment(BASELINE, Path(disk.device_path), details={"device": disk.device_path})
+        return
+    attachment = own[0].baseline(disk, site)
     try:
         yield attachment
     finally:
@@ -158,7 +189,7 @@ def _prefill(device: str, size: int) -> None:
 # ---------------------------------------------------------------- performance
 
 
-def run_perf(options: PerfOptions, cfs: ConfigFS, progress: Progress | None = None) -> dict[str, Any]:
+def run_perf(options: PerfOptions, cfs: ConfigFS | None, progress: Progress | None = None) -> dict[str, Any]:
     progress = progress or QuietProgress()
     path = fio.job_file(options.job_file)
     all_jobs = fio.sections(path)
@@ -174,32 +205,55 @@ def run_perf(options: PerfOptions, cfs: ConfigFS, progress: Progress | None = No
     }
     per_job = options.runtime + options.ramp
     progress.begin(len(options.backends) * (1 + len(options.transports)) * len(jobs))
-    with _workdir(options) as workdir, _transports(options) as transports:
+    with _site(options, cfs) as site, _transports(options) as transports:
+        report["params"]["baseline"] = baseline_label(transports)
         for backend in options.backends:
-            with _disk(backend, options.size, workdir) as disk:
+            with _disk(site, backend, options.size) as disk:
                 progress.note(f"{backend}: {disk.device_path}, {options.size >> 20} MiB; filling it once")
                 _prefill(disk.device_path, options.size)
-                for job in jobs:
-                    progress.step(f"{backend} · {BASELINE} · {job}", per_job)
-                    report["results"].append(_perf_job(path, job, backend, BASELINE, disk.device_path, [], options))
-                    progress.done_step()
+                own = [t for t in transports.values() if t.own_baseline]
+                if own:
+                    _perf_alternating(path, jobs, backend, own[0], disk, site, options, report, progress)
+                    continue
+                with _baseline(transports, disk, site) as base:
+                    report["attachments"].append({"backend": backend, "transport": BASELINE, **base.details})
+                    for job in jobs:
+                        progress.step(f"{backend} · {BASELINE} · {job}", per_job)
+                        report["results"].append(_perf_job(path, job, backend, BASELINE, base, options))
+                        progress.done_step()
                 for index, (tname, transport) in enumerate(transports.items()):
-                    with _attached(transport, disk, cfs, index) as att:
+                    with _attached(transport, disk, site, index) as att:
                         report["attachments"].append({"backend": backend, "transport": tname, **att.details})
                         for job in jobs:
                             progress.step(f"{backend} · {tname} · {job}", per_job)
-                            report["results"].append(
-                                _perf_job(path, job, backend, tname, att.device, att.fio_prefix, options))
+                            report["results"].append(_perf_job(path, job, backend, tname, att, options))
                             progress.done_step()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report
 
 
-def _perf_job(path: Path, job: str, backend: str, transport: str, device: str | Path, prefix: list[str],
+def _perf_alternating(path: Path, jobs: list[str], backend: str, transport: Transport, disk: Disk, site: Site,
+                      options: PerfOptions, report: dict[str, Any], progress: Progress) -> None:
+    """A transport with its own baseline (two guests on one host): both up at once, each job on the baseline then
+    on the transport, so a change in the host's load (other VMs, other users) hits both sides of a ratio alike."""
+    per_job = options.runtime + options.ramp
+    with _baseline({transport.name: transport}, disk, site) as base, \
+            _attached(transport, disk, site, 0) as att:
+        report["attachments"] += [{"backend": backend, "transport": BASELINE, **base.details},
+                                  {"backend": backend, "transport": transport.name, **att.details}]
+        for job in jobs:
+            for label, where in ((BASELINE, base), (transport.name, att)):
+                progress.step(f"{backend} · {label} · {job}", per_job)
+                report["results"].append(_perf_job(path, job, backend, label, where, options))
+                progress.done_step()
+
+
+def _perf_job(path: Path, job: str, backend: str, transport: str, att: Attachment,
               options: PerfOptions) -> dict[str, Any]:
+    device = att.device
     env = _env(device, options.size, ramp=options.ramp, runtime=options.runtime)
     with CpuSampler() as sampler:
-        run = fio.run_fio(path, job, env, prefix, timeout=options.fio_timeout)
+        run = att.run_fio(path, job, env, timeout=options.fio_timeout)
     if not run.jobs:
         raise fio.FioError(f"{backend}/{transport} {job}: fio failed (exit {run.returncode}): {run.output_tail}")
     figures = run.jobs[0]
@@ -213,7 +267,7 @@ def _perf_job(path: Path, job: str, backend: str, transport: str, device: str | 
 # ---------------------------------------------------------------- integrity
 
 
-def run_integrity(options: IntegrityOptions, cfs: ConfigFS, progress: Progress | None = None,
+def run_integrity(options: IntegrityOptions, cfs: ConfigFS | None, progress: Progress | None = None,
                   before_stage: StageHook | None = None) -> dict[str, Any]:
     progress = progress or QuietProgress()
     files = [fio.job_file(name) for name in options.job_files]
@@ -224,11 +278,11 @@ def run_integrity(options: IntegrityOptions, cfs: ConfigFS, progress: Progress |
         "results": [],
     }
     progress.begin(len(options.backends) * len(options.transports) * sum(len(fio.sections(f)) for f in files))
-    with _workdir(options) as workdir, _transports(options) as transports:
+    with _site(options, cfs) as site, _transports(options) as transports:
         for backend in options.backends:
-            with _disk(backend, options.size, workdir) as disk:
+            with _disk(site, backend, options.size) as disk:
                 for index, transport in enumerate(transports.values()):
-                    with _attached(transport, disk, cfs, index) as att:
+                    with _attached(transport, disk, site, index) as att:
                         for path in files:
                             report["results"].append(
                                 _integrity_file(path, disk, att, options, progress, before_stage))
@@ -250,7 +304,7 @@ def _integrity_file(path: Path, disk: Disk, att: Attachment, options: IntegrityO
     if before_stage is None:
         progress.step(f"{label} ({len(stages)} stages: {', '.join(stages)})")
         started = time.monotonic()
-        run = fio.run_fio(path, "", env, att.fio_prefix, timeout=options.fio_timeout)
+        run = att.run_fio(path, "", env, timeout=options.fio_timeout)
         per_stage = split_by_stage(run, stages)
         seconds = round(time.monotonic() - started, 2)
         for _ in stages:
@@ -263,7 +317,7 @@ def _integrity_file(path: Path, disk: Disk, att: Attachment, options: IntegrityO
             progress.step(f"{label} · {stage}")
             before_stage(disk, att, path.stem, stage)
             started = time.monotonic()
-            per_stage[stage] = fio.run_fio(path, stage, env, att.fio_prefix, timeout=options.fio_timeout)
+            per_stage[stage] = att.run_fio(path, stage, env, timeout=options.fio_timeout)
             seconds = round(time.monotonic() - started, 2)
         run = per_stage[stage]
         checked = {**stage_result(stage, run), "seconds": seconds}

@@ -1,34 +1,41 @@
-"""How the host reaches an exported disk: loop, tcp, rdma (soft-RoCE on a veth pair), later vhost-nvme.
+"""How the host reaches an exported disk: loop, tcp, rdma (soft-RoCE on a veth pair), vhost (a TCG guest).
 
-A transport turns a disk into an `Attachment`: the device fio runs on, and the command prefix that runs fio
-where that device is (empty on this host). The fabrics here all go the same way: an nvmet port through target/,
-then libnvme connects this host and the namespace is found by NQN and NSID (never by /dev/nvmeXnY numbering).
+A transport turns a disk into an `Attachment`: the device fio runs on, and how to run fio where that device is
+(on this host unless `run_fio` says otherwise). The fabrics all go the way users' VMs go: `Manager.attach` adds
+the disk as a namespace of a VM's subsystem (its own host NQN and DH-CHAP key) on the transport's port, then for
+loop the Manager connects this host itself and for tcp/rdma this host connects with libnvme as the VM's host
+would; the namespace is found by NQN and NSID (never by /dev/nvmeXnY numbering).
 
-EXTENSION POINT for vhost-nvme: subclass `Transport`, make `attach` start the guest and return an Attachment whose
-`device` is the namespace as the guest sees it and whose `fio_prefix` runs a command inside that guest; register it
-in TRANSPORTS. The runner, the reports and the tests take it from there.
+A transport may bring its own baseline (`baseline`), when the raw device on this host is not the fair comparison:
+vhost's is the same guest on QEMU's emulated NVMe device (nvmetd/bench/vhost.py).
 """
 
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from nvmetd import initiator
-from nvmetd.bench.disks import Disk
-from nvmetd.bench.export import NQN_PREFIX, Export, ExportError
-from target.configfs import ConfigFS
+from nvmetd.bench import fio
+from nvmetd.bench.disks import RDMA_TARGET_ADDR, Disk, Site
+from nvmetd.bench.report import DEFAULT_BASELINE
+from nvmetd.errors import SystemProblem, UserError
 
-BENCH_PORT_BASE = 0xB00  # port ids the benchmark uses: ours to create and remove
-# TEST-NET-1 (RFC 5737): never routed, so a veth pair with these addresses cannot collide with a real network
-RDMA_TARGET_ADDR, RDMA_HOST_ADDR, RDMA_PREFIX = "192.0.2.1", "192.0.2.2", 24
+RDMA_HOST_ADDR, RDMA_PREFIX = "192.0.2.2", 24
 VETH_TARGET, VETH_HOST, RXE_NAME = "nvmb-t", "nvmb-h", "nvmb_rxe"
+BENCH_VM = "nvmetd-bench"
+
+class FioRunner(Protocol):
+    """Runs one section of a job file (all if empty) with the given ${VAR}s, wherever the device is."""
+
+    def __call__(self, path: Path, section: str, env: dict[str, str], *,
+                 timeout: float | None = None) -> fio.FioRun: ...
 
 
-class TransportError(Exception):
+class TransportError(SystemProblem):
     """A transport cannot be set up or connected on this host; says what is missing."""
 
 
@@ -36,7 +43,7 @@ class TransportError(Exception):
 class Attachment:
     transport: str
     device: Path
-    fio_prefix: list[str] = field(default_factory=list)
+    run_fio: FioRunner = fio.run_fio
     detach: Callable[[], None] = lambda: None
     details: dict[str, str] = field(default_factory=dict)
 
@@ -61,19 +68,46 @@ class Transport:
     """Base: a transport is prepared once per run, attaches disks one at a time, is torn down at the end."""
 
     name = ""
+    needs_nvmet = True  # False: runs on a host without the in-kernel target (vhost)
+    own_baseline = False  # True: baseline() gives the fair baseline, and the transport runs alone
+    baseline_label = DEFAULT_BASELINE
 
     def prepare(self) -> None:
         """Load modules, create networks. Raise TransportError when this host cannot do it."""
 
-    def attach(self, disk: Disk, cfs: ConfigFS, index: int) -> Attachment:
+    def attach(self, disk: Disk, site: Site, index: int) -> Attachment:
+        raise NotImplementedError
+
+    def baseline(self, disk: Disk, site: Site) -> Attachment:
+        """The transport's own baseline (own_baseline), when fio on the raw device here is not the fair one."""
         raise NotImplementedError
 
     def teardown(self) -> None:
         """Undo prepare()."""
 
 
+def _controller(subnqn: str, trtype: str) -> str:
+    for ctrl in sorted(initiator.SYS_NVME.glob("nvme*")):
+        try:
+            if ((ctrl / "subsysnqn").read_text().strip() == subnqn
+                    and (ctrl / "transport").read_text().strip() == trtype):
+                return ctrl.name
+        except OSError:
+            continue
+    raise TransportError(f"no {trtype} controller of {subnqn} on this host")
+
+
+def _authenticated(controller: str) -> str:
+    """Whether the kernel holds a DH-CHAP secret for this connection's host side (the value is never recorded)."""
+    try:
+        configured = (initiator.SYS_NVME / controller / "dhchap_secret").read_text().strip()
+    except OSError:
+        return "unknown"
+    return "no" if configured in ("", "none") else "yes"
+
+
 class FabricTransport(Transport):
-    """An nvmet port plus a libnvme connection from this same host."""
+    """A namespace of the bench VM's subsystem, attached by the Manager, connected from this same host."""
 
     trtype = ""
     target_modules: tuple[str, ...] = ()
@@ -85,39 +119,40 @@ class FabricTransport(Transport):
     def prepare(self) -> None:
         modprobe("nvmet", *self.target_modules, "nvme-fabrics", *self.host_modules)
 
-    def address(self) -> dict[str, str]:
-        return {}
-
-    def attach(self, disk: Disk, cfs: ConfigFS, index: int) -> Attachment:
-        run_id = uuid.uuid4()
-        hostnqn = f"nqn.2014-08.org.nvmexpress:uuid:{run_id}"
-        subnqn = f"{NQN_PREFIX}{self.name}-{disk.backend}-{str(run_id)[:8]}"
-        port = {"id": BENCH_PORT_BASE + index, "trtype": self.trtype, **self.address()}
-        export = Export(cfs, subnqn, hostnqn, disk.device_path, port)
-        export.up()
-        addr = self.address()
+    def attach(self, disk: Disk, site: Site, index: int) -> Attachment:
+        manager = site.manager
         try:
-            conn = initiator.connect(subnqn, hostnqn, self.trtype, addr.get("traddr"), addr.get("trsvcid"))
-        except initiator.InitiatorError as exc:
-            export.down(strict=False)
-            raise TransportError(str(exc)) from None
+            res = manager.attach(BENCH_VM, disk.name, transport=self.trtype)
+        except (UserError, SystemProblem) as exc:
+            raise TransportError(f"nvmetd could not attach {disk.name} over {self.trtype}: {exc}") from None
+        conn = None
         try:
-            device = conn.device(1)
-        except initiator.InitiatorError as exc:
-            conn.disconnect()
-            export.down(strict=False)
+            if res.device:  # loop: the Manager connected this host, as it does for a local VM
+                device = Path(res.device)
+            else:
+                key = Path(res.dhchap_key_file).read_text().strip()
+                conn = initiator.connect(res.subsystem_nqn, res.host_nqn, self.trtype, res.traddr, res.trsvcid,
+                                         dhchap_key=key)
+                device = conn.device(res.nsid)
+            controller = _controller(res.subsystem_nqn, self.trtype)
+        except (initiator.InitiatorError, TransportError) as exc:
+            if conn is not None:
+                conn.disconnect()
+            manager.detach(BENCH_VM, disk.name)
             raise TransportError(str(exc)) from None
 
         def detach() -> None:
-            conn.disconnect()
-            export.down()
+            if conn is not None:
+                conn.disconnect()
+            manager.detach(BENCH_VM, disk.name)  # for loop it disconnects this host too
 
         # evidence of the path actually taken, as the kernel reports it
-        seen = (initiator.SYS_NVME / conn.controller / "transport").read_text().strip()
+        seen = (initiator.SYS_NVME / controller / "transport").read_text().strip()
         return Attachment(self.name, device, detach=detach,
-                          details={"subsystem": subnqn, "controller": conn.controller, "device": str(device),
-                                   "kernel_transport": seen,
-                                   **({"traddr": f"{addr['traddr']}:{addr['trsvcid']}"} if addr else {})})
+                          details={"subsystem": res.subsystem_nqn, "host": res.host_nqn, "nsid": str(res.nsid),
+                                   "controller": controller, "device": str(device), "kernel_transport": seen,
+                                   "dhchap": _authenticated(controller), "why": res.why,
+                                   **({"traddr": f"{res.traddr}:{res.trsvcid}"} if res.traddr else {})})
 
 
 class LoopTransport(FabricTransport):
@@ -129,9 +164,6 @@ class TcpTransport(FabricTransport):
     name = trtype = "tcp"
     target_modules = ("nvmet-tcp",)
     host_modules = ("nvme-tcp",)
-
-    def address(self) -> dict[str, str]:
-        return {"adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": str(self.trsvcid)}
 
 
 class RdmaTransport(FabricTransport):
@@ -149,9 +181,6 @@ class RdmaTransport(FabricTransport):
         super().__init__(trsvcid)
         self.traddr = traddr or RDMA_TARGET_ADDR
         self.made_network = self.made_rxe = False
-
-    def address(self) -> dict[str, str]:
-        return {"adrfam": "ipv4", "traddr": self.traddr, "trsvcid": str(self.trsvcid)}
 
     def prepare(self) -> None:
         super().prepare()
@@ -177,11 +206,14 @@ class RdmaTransport(FabricTransport):
             self.made_network = False
 
 
+# vhost.py builds on the classes above (its import of this module finds them defined)
+from nvmetd.bench.vhost import VhostTransport  # noqa: E402
+
 TRANSPORTS: dict[str, Callable[..., Transport]] = {
     "loop": LoopTransport,
     "tcp": TcpTransport,
     "rdma": RdmaTransport,
-    # "vhost-nvme": arrives with vhost_nvme (see the module docstring)
+    "vhost": VhostTransport,
 }
 
 
@@ -198,4 +230,4 @@ def _accepts(factory: Callable[..., Transport], option: str) -> bool:
     return option in inspect.signature(factory).parameters
 
 
-__all__ = ["TRANSPORTS", "Attachment", "ExportError", "Transport", "TransportError", "make_transport"]
+__all__ = ["TRANSPORTS", "Attachment", "Transport", "TransportError", "make_transport"]

@@ -1,7 +1,9 @@
 """The fio harness against the real 6.12 nvmet: the checksums catch corruption, and every transport keeps data intact.
 
 Sizes are small (8 MiB) so the whole module stays within a couple of minutes under TCG; the job files are the
-real ones from fio_jobs/, run through the same code as `python -m nvmetd.bench integrity`.
+real ones from fio_jobs/, run through the same code as `python -m nvmetd.bench integrity`. The disks are made and
+exported the way users' are: a backends/ pool, Manager.create_disk, Manager.attach (a VM subsystem with its own
+host NQN and DH-CHAP key).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from nvmetd.bench.disks import Disk, read_behind, write_behind
 from nvmetd.bench.runner import IntegrityOptions, run_integrity
 from nvmetd.bench.transports import Attachment
+from nvmetd.vms import SUBSYSTEM_PREFIX
 from target.apply import apply_state, diff
 from target.configfs import ConfigFS
 from target.model import parse_state
@@ -84,7 +87,8 @@ def _corrupt_before_readback(change: str) -> tuple[dict[str, int], Any]:
     return done, hook
 
 
-@pytest.mark.parametrize(("backend", "change", "kind"), [("file", "garbage", "verify"), ("loop", "bitflip", "crc32c")])
+@pytest.mark.parametrize(("backend", "change", "kind"), [("file", "garbage", "verify"),
+                                                         ("nullblk", "bitflip", "crc32c")])
 def test_corruption_behind_the_target_is_reported(cfs: ConfigFS, scratch: Path, backend: str, change: str,
                                                   kind: str) -> None:
     corrupted, hook = _corrupt_before_readback(change)
@@ -99,6 +103,7 @@ def test_corruption_behind_the_target_is_reported(cfs: ConfigFS, scratch: Path, 
     assert stages["readback"]["ok"] is False
     assert [(f["offset"], f["kind"]) for f in result["failures"]] == [(corrupted["offset"], kind)]
     assert f"offset {corrupted['offset']}" in stages["readback"]["why"]
+    assert result["attachment"]["subsystem"].startswith(SUBSYSTEM_PREFIX)  # exported by the Manager
 
 
 def _require_rdma() -> None:
@@ -119,6 +124,9 @@ def test_integrity_passes_over_each_transport(cfs: ConfigFS, scratch: Path, tran
     for result in report["results"]:
         assert result["attachment"]["kernel_transport"] == transport
         assert result["device"].startswith("/dev/nvme")
+        # the path users get: a VM subsystem from Manager.attach, this host connected with the VM's host NQN
+        assert result["attachment"]["subsystem"].startswith(SUBSYSTEM_PREFIX)
+        assert result["attachment"]["host"].startswith("nqn.2014-08.org.nvmexpress:uuid:")
         stages = _stages(result)
         assert stages["fill"]["bytes"]["write"] == SIZE and stages["readback"]["bytes"]["read"] == SIZE
     trim_stages = _stages(report["results"][1])
@@ -128,7 +136,7 @@ def test_integrity_passes_over_each_transport(cfs: ConfigFS, scratch: Path, tran
 
 def test_block_backend_and_foreign_exports_survive(cfs: ConfigFS, scratch: Path) -> None:
     """null_blk behind a block namespace keeps data (trim included), and an export that was there before the run
-    is exactly as it was afterwards: the harness removes what it added and nothing else."""
+    is exactly as it was afterwards: the harness's Manager removes what it added and nothing else."""
     foreign_file = scratch / "foreign.img"
     foreign_file.write_bytes(b"\0" * (1 << 20))
     foreign = parse_state({
@@ -140,9 +148,11 @@ def test_block_backend_and_foreign_exports_survive(cfs: ConfigFS, scratch: Path)
                    "subsystems": ["nqn.2026-11.io.nvmetd:someone-else"]}],
     })
     assert apply_state(foreign, cfs).converged
+    nullb = Path("/sys/kernel/config/nullb")
+    before = set(nullb.glob("*")) if nullb.is_dir() else set()
 
     report = run_integrity(_options(scratch, "nullblk", "tcp", "integrity-trim"), cfs)
     assert report["passed"] is True, report["results"]
     assert report["results"][0]["backend"] == "nullblk"
     assert diff(foreign, cfs) == []  # prune=True: not one object more or less than the foreign export
-    assert not list(Path("/sys/kernel/config/nullb").glob("nvmb*"))
+    assert set(nullb.glob("*")) == before  # the pool's null_blk devices are gone with it

@@ -77,18 +77,46 @@ def _decompress(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def build_initramfs(dest_dir: Path) -> Path:
-    """busybox-static + the nvme modules (decompressed) + /init + randread; cached by the inputs' hash."""
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries `binary` loads (ldd), the dynamic loader included, as the paths the loader opens."""
+    try:
+        out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise VMError(f"ldd {binary} failed: {exc}") from None
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) > parts.index("=>") + 1 and parts[parts.index("=>") + 1].startswith("/"):
+            libs.append(Path(parts[parts.index("=>") + 1]))
+        elif parts and parts[0].startswith("/"):  # the loader: "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            libs.append(Path(parts[0]))
+        elif "not found" in line:
+            raise VMError(f"{binary} needs a library this host lacks: {line.strip()}")
+    return libs
+
+
+def build_initramfs(dest_dir: Path, with_fio: bool = False) -> Path:
+    """busybox-static + the nvme modules (decompressed) + /init + randread; cached by the inputs' hash.
+
+    ``with_fio``: also /usr/bin/fio and every shared library it loads (at the paths the loader looks for them), so
+    the same fio job files run in the guest as on the host.  That image is written uncompressed: the guest (TCG)
+    would spend longer inflating ~80 MiB of libraries than copying them."""
     _, mods = guest_kernel()
     busybox = Path("/bin/busybox")
     if not busybox.exists() or b"/lib64/ld-linux" in busybox.read_bytes():
         raise VMError("/bin/busybox is missing or not static (install busybox-static)")
     modules = [_module_file(mods, m) for m in NVME_MODULES]
-    inputs = [busybox, HERE / "init.sh", HERE / "randread.c", *modules]
+    extra: list[Path] = []
+    if with_fio:
+        fio = Path(shutil.which("fio") or "/usr/bin/fio")
+        if not fio.is_file():
+            raise VMError("fio is not installed on this host (apt install fio)")
+        extra = [fio, *shared_libraries(fio)]
+    inputs = [busybox, HERE / "init.sh", HERE / "randread.c", *modules, *extra]
     digest = hashlib.sha256()
     for f in inputs:
-        digest.update(f.name.encode() + f.read_bytes())
-    out = dest_dir / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
+        digest.update(str(f).encode() + f.read_bytes())
+    out = dest_dir / f"initramfs-{digest.hexdigest()[:16]}.cpio{'' if with_fio else '.gz'}"
     if out.exists():
         return out
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +132,17 @@ def build_initramfs(dest_dir: Path) -> Path:
         (stage / "lib" / "modules" / f"{name}.ko").write_bytes(_decompress(path))
     subprocess.run(["gcc", "-O2", "-static", "-Wall", "-o", str(stage / "bin" / "randread"), str(HERE / "randread.c")],
                    check=True)
+    for path in extra:  # fio and its libraries, where the dynamic loader expects them (symlinks resolved)
+        dest = stage / path.relative_to("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path.resolve(), dest)
     files = subprocess.run(["find", "."], cwd=stage, check=True, capture_output=True).stdout
     cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=stage, input=files, check=True,
                           capture_output=True).stdout
     tmp = out.with_suffix(f".{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(subprocess.run(["gzip", "-1", "-n"], input=cpio, check=True, capture_output=True).stdout)
+        f.write(cpio if with_fio else
+                subprocess.run(["gzip", "-1", "-n"], input=cpio, check=True, capture_output=True).stdout)
     tmp.rename(out)
     shutil.rmtree(stage, ignore_errors=True)
     return out
@@ -191,7 +224,8 @@ class VM:
 
     def __init__(self, workdir: Path, *, engine_sock: Path | None = None, emulated_image: Path | None = None,
                  device_args: list[str] | None = None, memory: str = "512M", append: str = "",
-                 qemu: Path | None = None, boot_timeout: float = 120) -> None:
+                 qemu: Path | None = None, boot_timeout: float = 120, with_fio: bool = False,
+                 initramfs_dir: Path | None = None) -> None:
         """``device_args``: the storage arguments as given (e.g. by `nvmetctl attach --transport vhost
         --memory`), which must then include the VM's shared memory backend."""
         if sum(x is not None for x in (engine_sock, emulated_image, device_args)) != 1:
@@ -202,7 +236,7 @@ class VM:
         self.console = workdir / "console.log"
         self.qemu_log = workdir / "qemu.log"
         vmlinuz, _ = guest_kernel()
-        initrd = build_initramfs(workdir.parent / "initramfs")
+        initrd = build_initramfs(initramfs_dir or workdir.parent / "initramfs", with_fio)
         argv = [str(qemu or qemu_binary()), *[a for d in FIRMWARE_DIRS for a in ("-L", d)],
                 "-machine", "q35", "-accel", "tcg", "-m", memory, "-smp", "1", "-nodefaults", "-display", "none",
                 "-no-reboot", "-monitor", "none", "-kernel", str(vmlinuz), "-initrd", str(initrd),
