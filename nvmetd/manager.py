@@ -67,6 +67,7 @@ class Manager:
         self.keys_dir = keys_dir
         self.host_connect = host_connect
         self.vhost = vhost or VhostEngines()
+        self.vhost.owner = str(store.path.resolve())
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None

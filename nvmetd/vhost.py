@@ -48,6 +48,7 @@ class VhostEngines:
         self.run_dir = run_dir
         self.poll_us = poll_us
         self.socket_group = socket_group
+        self.owner = ""  # the state file whose VMs these engines serve (set by the Manager)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # Paths are named after the VM's UUID: validated, short enough for a Unix socket path, and stable.
@@ -78,7 +79,7 @@ class VhostEngines:
                 statuses[key] = ObjectStatus(FAILED, label, str(exc), blocking=True)
         if self.run_dir.is_dir():
             for pidfile in sorted(self.run_dir.glob("*.pid")):
-                if pidfile.stem not in wanted:
+                if pidfile.stem not in wanted and self._owned(pidfile.stem):
                     self._stop(pidfile.stem)
                     statuses[f"vhost/{pidfile.stem}"] = ObjectStatus(REMOVED, f"vhost engine {pidfile.stem}")
         return statuses
@@ -122,6 +123,7 @@ class VhostEngines:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self._children[vm.uuid] = proc
+        (self.run_dir / f"{vm.uuid}.owner").write_text(self.owner)
         tmp = self._pid_path(vm.uuid).with_suffix(".pid.tmp")
         tmp.write_text(f"{proc.pid}\n")
         tmp.replace(self._pid_path(vm.uuid))
@@ -147,6 +149,14 @@ class VhostEngines:
         os.chown(sock, -1, gid)
         os.chmod(sock, 0o660)
 
+    def _owned(self, vm_uuid: str) -> bool:
+        """Only engines started for this state are stopped as orphans: another Manager sharing the run directory
+        (a benchmark, a second nvmetd on another state file) must never take a running guest's disks away."""
+        try:
+            return (self.run_dir / f"{vm_uuid}.owner").read_text() == self.owner
+        except OSError:
+            return False
+
     def _engine_pid(self, vm_uuid: str) -> int | None:
         """The pid in the pid file, if that process is still this VM's engine (pids get reused)."""
         try:
@@ -171,7 +181,7 @@ class VhostEngines:
                     os.kill(pid, signal.SIGKILL)
             log.info("vm_uuid=%s pid=%d: vhost engine stopped", vm_uuid, pid)
         self._reap()
-        for suffix in (".pid", ".sock"):
+        for suffix in (".pid", ".sock", ".owner"):
             with contextlib.suppress(FileNotFoundError):
                 (self.run_dir / f"{vm_uuid}{suffix}").unlink()
 

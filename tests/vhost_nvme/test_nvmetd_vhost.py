@@ -174,3 +174,18 @@ def test_engine_socket_is_shared_with_the_qemu_group_only(manager: Manager) -> N
     sock = Path(manager.attach("vm1", "d1", "vhost").to_dict()["vhost_socket"])
     st = sock.stat()
     assert st.st_mode & 0o777 == 0o660 and grp.getgrgid(st.st_gid).gr_name == group
+
+
+def test_another_state_never_stops_this_states_engines(manager: Manager, tmp_path: Path) -> None:
+    """A second Manager on another state file but the same run directory (a benchmark, say) must leave the
+    engines of VMs it does not know alone; the first Manager still stops its own orphans."""
+    sock = Path(manager.attach("vm1", "d1", "vhost").to_dict()["vhost_socket"])
+    stranger = Manager(StateStore(tmp_path / "other-state.json"), ConfigFS(tmp_path / "no-nvmet-here"),
+                       pools_root=tmp_path / "pools", keys_dir=tmp_path / "keys", host_connect=False,
+                       vhost=VhostEngines(manager.vhost.run_dir))
+    assert not any(k.startswith("vhost/") for k in stranger.reconcile().objects)
+    assert EngineClient(sock).alive()
+    with manager.store.transaction() as doc:  # the VM vanished from this state behind the Manager's back
+        doc["vms"] = {}
+    assert manager.reconcile().objects[f"vhost/{sock.stem}"].status == "removed"
+    assert not sock.exists()
