@@ -73,7 +73,8 @@ def new_vm(name: str, vm_uuid: str | None = None) -> Vm:
 class Ports(BaseModel):
     """Where VM subsystems are exported; ids are reserved for nvmetd's own ports."""
 
-    model_config = ConfigDict(extra="forbid")
+    # TOML configurations naturally write `tcp_port = 4420`
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
     tcp_id: int = 4420
     tcp_address: str = "127.0.0.1"
     tcp_port: str = "4420"
