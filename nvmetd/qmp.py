@@ -1,9 +1,24 @@
-"""Hot-plug a host-side namespace into a running QEMU (and out again) over QMP, with qemu.qmp."""
+"""Hot-plug a host-side namespace into a running QEMU (and out again) over QMP, with qemu.qmp.
+
+Both directions are safe to repeat, like the attach and detach they follow: what is already there (or already
+gone) is left alone. On a q35 machine the root complex (pcie.0) takes no hot-plugged devices, so the disk goes
+into a free `pcie-root-port` (the way libvirt prepares q35 guests for hot-plug); on a pc machine it goes on the
+hot-pluggable pci.0.
+
+Unplugging is a request to the guest: QEMU removes the device when the guest lets go (DEVICE_DELETED). A slot
+the guest never powered on (native PCIe hot-plug, e.g. a paused VM) is released at once; with ACPI hot-plug an
+unplug waits for the guest's eject, so a stopped guest keeps the device and unplug reports that.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 from typing import Any
+
+# QEMU's rule for node names and device ids: a letter first, then letters, digits, '-', '_' and '.', < 32 chars
+_QEMU_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
 
 
 class QmpError(Exception):
@@ -20,6 +35,8 @@ async def _session(socket_path: str, steps) -> Any:
         raise QmpError(f"cannot connect to QMP socket {socket_path}: {exc}") from None
     try:
         return await steps(qmp)
+    except QmpError:
+        raise
     except Exception as exc:
         raise QmpError(f"QEMU refused: {exc}") from None
     finally:
@@ -27,31 +44,97 @@ async def _session(socket_path: str, steps) -> Any:
 
 
 def node_name(disk: str) -> str:
-    return f"nvmetd-{disk}"
+    """The block node and device id for DISK; disk names may hold ':' or be long, which QEMU ids may not."""
+    name = f"nvmetd-{disk}"
+    if _QEMU_ID.match(name):
+        return name
+    return "nvmetd-" + hashlib.sha256(disk.encode()).hexdigest()[:16]
+
+
+async def _node_exists(qmp, node: str) -> bool:
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return any(n.get("node-name") == node for n in nodes)
+
+
+async def _device_exists(qmp, device_id: str) -> bool:
+    peripherals = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return any(p["name"] == device_id for p in peripherals)
+
+
+async def _children(qmp, path: str) -> list[tuple[str, str]]:
+    """(QOM path, type) of the devices under a container such as /machine/peripheral."""
+    try:
+        entries = await qmp.execute("qom-list", {"path": path})
+    except Exception:  # the container is made on first use; no anonymous devices means none at all
+        return []
+    return [(f"{path}/{e['name']}", e["type"][6:-1]) for e in entries if e["type"].startswith("child<")]
+
+
+async def _free_bus(qmp) -> str | None:
+    """An empty pcie-root-port to plug into, or None where the root bus itself takes hot-plug (pc machines).
+
+    Occupancy comes from QOM (each device's parent_bus), not from query-pci: before the guest has numbered the
+    bridges' buses, query-pci does not list what sits behind them."""
+    devices = [*await _children(qmp, "/machine/peripheral"), *await _children(qmp, "/machine/peripheral-anon")]
+    root_ports = [path for path, kind in devices if kind == "pcie-root-port" and "peripheral/" in path]
+    used = set()
+    for path, _ in devices:
+        parent = await qmp.execute("qom-get", {"path": path, "property": "parent_bus"})
+        used.add(parent.rsplit("/", 1)[0])  # /machine/peripheral/rp1/rp1 -> the port /machine/peripheral/rp1
+    for port in root_ports:
+        if port not in used:
+            return port.rsplit("/", 1)[1]  # the port's id names its bus
+    machine = await qmp.execute("qom-get", {"path": "/machine", "property": "type"})
+    if "q35" in machine:
+        raise QmpError("no free pcie-root-port to hot-plug into: start the VM with spare ones "
+                       "(-device pcie-root-port,id=rpN,chassis=N)")
+    return None
 
 
 def hotplug(socket_path: str, disk: str, device: str) -> dict[str, str]:
     node = node_name(disk)
 
     async def steps(qmp) -> dict[str, str]:
-        await qmp.execute("blockdev-add", {"driver": "host_device", "filename": device, "node-name": node,
-                                           "cache": {"direct": True}})
-        await qmp.execute("device_add", {"driver": "virtio-blk-pci", "drive": node, "id": node})
-        return {"node": node, "device_id": node}
+        result = {"node": node, "device_id": node}
+        if await _device_exists(qmp, node):  # a repeated attach: already plugged
+            return result
+        bus = await _free_bus(qmp)  # before anything is added, so a refusal leaves nothing behind
+        added_node = False
+        if not await _node_exists(qmp, node):
+            await qmp.execute("blockdev-add", {"driver": "host_device", "filename": device, "node-name": node,
+                                               "cache": {"direct": True}})
+            added_node = True
+        args = {"driver": "virtio-blk-pci", "drive": node, "id": node}
+        if bus:
+            args["bus"] = bus
+            result["bus"] = bus
+        try:
+            await qmp.execute("device_add", args)
+        except Exception:
+            if added_node:  # leave nothing half-plugged behind
+                await qmp.execute("blockdev-del", {"node-name": node})
+            raise
+        return result
 
     return asyncio.run(_session(socket_path, steps))
 
 
 def unplug(socket_path: str, disk: str, timeout: float = 30.0) -> None:
+    """Remove the device (waiting for QEMU's DEVICE_DELETED: a running guest must let go first), then the node."""
     node = node_name(disk)
 
     async def steps(qmp) -> None:
-        with qmp.listen() as listener:
-            await qmp.execute("device_del", {"id": node})
-            async with asyncio.timeout(timeout):
-                async for event in listener:
-                    if event["event"] == "DEVICE_DELETED" and event.get("data", {}).get("device") == node:
-                        break
-        await qmp.execute("blockdev-del", {"node-name": node})
+        if await _device_exists(qmp, node):
+            with qmp.listener("DEVICE_DELETED") as listener:
+                await qmp.execute("device_del", {"id": node})
+                try:
+                    async with asyncio.timeout(timeout):
+                        async for event in listener:
+                            if event["event"] == "DEVICE_DELETED" and event.get("data", {}).get("device") == node:
+                                break
+                except TimeoutError:
+                    raise QmpError(f"the guest did not release device {node} within {timeout:g} s") from None
+        if await _node_exists(qmp, node):
+            await qmp.execute("blockdev-del", {"node-name": node})
 
     asyncio.run(_session(socket_path, steps))
