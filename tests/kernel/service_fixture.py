@@ -19,6 +19,7 @@ class Daemon:
     base: Path
     proc: subprocess.Popen | None = None
     log: list[Path] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (NOTIFY_SOCKET, WATCHDOG_USEC)
 
     @property
     def socket(self) -> Path:
@@ -35,7 +36,7 @@ class Daemon:
     def start(self, restore_timeout: float = 5.0) -> None:
         logfile = self.base / f"nvmetd-{len(self.log)}.log"
         self.log.append(logfile)
-        env = {**os.environ, "NVMETD_BACKENDS_DIR": str(self.pools_root)}
+        env = {**os.environ, "NVMETD_BACKENDS_DIR": str(self.pools_root), **self.env}
         with open(logfile, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "nvmetd.service", "--state", str(self.state), "--socket", str(self.socket),
@@ -58,6 +59,9 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log[-1].read_text() if self.log else ""
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
