@@ -94,6 +94,21 @@ class Service:
         tmp.replace(self.config)  # the daemon never reads a half-written file
 
 
+def _api(d: Daemon, method: str, path: str, body: dict | None = None) -> dict:
+    """Setup and cleanup go through the API: each nvmetctl run is a Python start-up under TCG (tens of seconds)."""
+    resp = d.request(method, path, body)
+    assert resp.status_code == 200, f"{method} {path}: {resp.status_code} {resp.text}"
+    return resp.json()
+
+
+def _create(d: Daemon, name: str, pool: str, size: str) -> None:
+    _api(d, "POST", "/v1/disks", {"name": name, "pool": pool, "size": size})
+
+
+def _attach(d: Daemon, vm: str, disk: str, transport: str) -> dict:
+    return _api(d, "PUT", f"/v1/vms/{vm}/disks/{disk}", {"transport": transport})
+
+
 def _wait(what: str, check: Callable[[], object], timeout: float = 60.0, interval: float = 0.2) -> object:
     deadline = time.monotonic() + timeout
     while True:
@@ -207,8 +222,8 @@ def _ns_value(samples, name: str, subsystem: str, nsid: int, direction: str) -> 
 
 def test_metrics_follow_block_io(svc: Service) -> None:
     d = svc.daemon
-    d.ctl("disk", "create", "m0", "--pool", "ram", "--size", "64M")
-    att = d.ctl_json("attach", "vm-m", "m0", "--transport", "loop")
+    _create(d, "m0", "ram", "64M")
+    att = _attach(d, "vm-m", "m0", "loop")
     sub, nsid, device = att["subsystem_nqn"], att["nsid"], Path(att["device"])
     try:
         subprocess.run(["udevadm", "settle", "--timeout", "20"], check=False, capture_output=True)
@@ -231,7 +246,8 @@ def test_metrics_follow_block_io(svc: Service) -> None:
             assert delta(mid, after, "nvmetd_namespace_ios_total", direction) >= 1
             assert delta(before, after, "nvmetd_namespace_io_seconds_total", direction) >= 0
         labels = next(lab for lab, _ in after["nvmetd_namespace_bytes_total"] if lab["subsystem"] == sub)
-        assert labels["device"].startswith("/dev/nullb")
+        backing = (NVMET_ROOT / "subsystems" / sub / "namespaces" / str(nsid) / "device_path").read_text().strip()
+        assert labels["device"] == backing and Path(backing).is_block_device()  # the null_blk volume itself
         # per pool usage: the null_blk pool counts its 64 MiB volume against its RAM budget
         size = {lab["pool"]: v for lab, v in after["nvmetd_pool_size_bytes"]}
         used = {lab["pool"]: v for lab, v in after["nvmetd_pool_used_bytes"]}
@@ -251,8 +267,8 @@ def test_metrics_follow_block_io(svc: Service) -> None:
               f"write ios +{delta(before, after, 'nvmetd_namespace_ios_total', 'write'):.0f}; "
               f"{len(objects)} objects reported")
     finally:
-        d.ctl("detach", "vm-m", "m0")
-        d.ctl("disk", "delete", "m0")
+        _api(d, "DELETE", "/v1/vms/vm-m/disks/m0")
+        _api(d, "DELETE", "/v1/disks/m0")
     assert not any(lab["subsystem"] == sub for lab, _ in _scrape(svc).get("nvmetd_namespace_ios_total", []))
 
 
@@ -266,8 +282,8 @@ def _tcp_port(cfs_root: Path = NVMET_ROOT) -> tuple[str, list[str]] | None:
 
 def test_sighup_reloads_ports_and_keeps_old_config_when_broken(svc: Service) -> None:
     d = svc.daemon
-    d.ctl("disk", "create", "t0", "--pool", "files", "--size", "8M")
-    att = d.ctl_json("attach", "vm-t", "t0", "--transport", "tcp")
+    _create(d, "t0", "files", "8M")
+    att = _attach(d, "vm-t", "t0", "tcp")
     try:
         assert att["trsvcid"] == str(FIRST_TCP_PORT)
         assert _tcp_port() == (str(FIRST_TCP_PORT), [att["subsystem_nqn"]])
@@ -302,11 +318,11 @@ def test_sighup_reloads_ports_and_keeps_old_config_when_broken(svc: Service) -> 
         errors = [line for line in d.log_text().splitlines() if "keeping the old configuration" in line]
         print("reload errors as logged:\n  " + "\n  ".join(errors))
         assert "Traceback" not in d.log_text()
-        assert d.ctl_json("attach", "vm-t", "t0", "--transport", "tcp")["trsvcid"] == str(FIRST_TCP_PORT + 1)
+        assert _attach(d, "vm-t", "t0", "tcp")["trsvcid"] == str(FIRST_TCP_PORT + 1)
     finally:
         svc.write_config(f"[ports]\ntcp_port = {FIRST_TCP_PORT + 1}\n")
-        d.ctl("detach", "vm-t", "t0")
-        d.ctl("disk", "delete", "t0")
+        _api(d, "DELETE", "/v1/vms/vm-t/disks/t0")
+        _api(d, "DELETE", "/v1/disks/t0")
 
 
 # ---------------------------------------------------------------------------------------------- QMP hot-plug
@@ -364,7 +380,7 @@ def qemu_vm(svc: Service):
 
 def test_qmp_hotplug_and_unplug(svc: Service, qemu_vm: Qmp) -> None:
     d = svc.daemon
-    d.ctl("disk", "create", "q0", "--pool", "files", "--size", "16M")
+    _create(d, "q0", "files", "16M")
     att = d.ctl_json("attach", "vm-q", "q0", "--transport", "loop", "--qmp", str(qemu_vm.path))
     try:
         plugged = att["hotplugged"]
@@ -384,11 +400,11 @@ def test_qmp_hotplug_and_unplug(svc: Service, qemu_vm: Qmp) -> None:
         assert sorted(n for n in qemu_vm.peripherals() if n.startswith("nvmetd-")) == [node]
 
         # --qmp needs a host-side block device: tcp gives none (one clear line, usage exit code)
-        d.ctl("disk", "create", "q1", "--pool", "files", "--size", "8M")
+        _create(d, "q1", "files", "8M")
         tcp = d.ctl("attach", "vm-q2", "q1", "--transport", "tcp", "--qmp", str(qemu_vm.path), check=False)
         assert tcp.returncode == 2 and "host-side block device" in tcp.stderr and "Traceback" not in tcp.stderr
-        d.ctl("detach", "vm-q2", "q1")
-        d.ctl("disk", "delete", "q1")
+        _api(d, "DELETE", "/v1/vms/vm-q2/disks/q1")
+        _api(d, "DELETE", "/v1/disks/q1")
 
         d.ctl("detach", "vm-q", "q0", "--qmp", str(qemu_vm.path))
         assert node not in qemu_vm.nodes()
@@ -400,7 +416,7 @@ def test_qmp_hotplug_and_unplug(svc: Service, qemu_vm: Qmp) -> None:
         d.ctl("detach", "vm-q", "q0", "--qmp", str(qemu_vm.path))
     finally:
         d.request("DELETE", "/v1/vms/vm-q/disks/q0")
-        d.ctl("disk", "delete", "q0")
+        _api(d, "DELETE", "/v1/disks/q0")
 
 
 # ---------------------------------------------------------------------------------------------- restart under fio
@@ -417,8 +433,8 @@ def test_fio_verify_runs_across_nvmetd_restart(svc: Service) -> None:
     if fio is None:
         _unavailable("no fio binary")
     d = svc.daemon
-    d.ctl("disk", "create", "f0", "--pool", "files", "--size", "64M")
-    att = d.ctl_json("attach", "vm-f", "f0", "--transport", "loop")
+    _create(d, "f0", "files", "64M")
+    att = _attach(d, "vm-f", "f0", "loop")
     device = Path(att["device"])
     work = d.base / "fio"
     work.mkdir()
@@ -482,5 +498,5 @@ def test_fio_verify_runs_across_nvmetd_restart(svc: Service) -> None:
               f"{restart_seconds:.1f} s, first start {svc.first_start_seconds:.1f} s); while no nvmetd existed: "
               f"{down_writes} writes and {down_reads} reads completed in 5 s")
     finally:
-        d.ctl("detach", "vm-f", "f0")
-        d.ctl("disk", "delete", "f0")
+        _api(d, "DELETE", "/v1/vms/vm-f/disks/f0")
+        _api(d, "DELETE", "/v1/disks/f0")
