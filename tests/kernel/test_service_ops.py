@@ -338,7 +338,7 @@ class Qmp:
         mon = QEMUMonitorProtocol(str(self.path))
         mon.connect()
         try:
-            return mon.command(cmd, **args)
+            return mon.cmd(cmd, **args)
         finally:
             mon.close()
 
