@@ -33,7 +33,7 @@ class Daemon:
     def state(self) -> Path:
         return self.base / "state.json"
 
-    def start(self, restore_timeout: float = 5.0) -> None:
+    def start(self, restore_timeout: float = 5.0, deadline: float = 300.0) -> None:
         logfile = self.base / f"nvmetd-{len(self.log)}.log"
         self.log.append(logfile)
         env = {**os.environ, "NVMETD_BACKENDS_DIR": str(self.pools_root), **self.env}
@@ -44,7 +44,8 @@ class Daemon:
                  "--drift-interval", "3600", "--restore-timeout", str(restore_timeout),
                  "--config", str(self.base / "nvmetd.toml")],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300  # Python start-up of a FastAPI app under TCG on a busy host
+        limit = deadline
+        deadline = time.monotonic() + limit  # Python start-up of a FastAPI app under TCG on a busy host
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nvmetd exited: {logfile.read_text()}")
@@ -53,7 +54,7 @@ class Daemon:
                 return
             except (httpx.HTTPError, OSError):
                 time.sleep(0.2)
-        raise AssertionError(f"nvmetd did not answer within 300 s: {logfile.read_text()}")
+        raise AssertionError(f"nvmetd did not answer within {limit:g} s: {logfile.read_text()}")
 
     def kill9(self) -> None:
         assert self.proc is not None
