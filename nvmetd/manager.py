@@ -15,6 +15,7 @@ from typing import Any
 
 from nvmetd import initiator
 from nvmetd.errors import SystemProblem, UserError
+from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
 from target import validate
@@ -328,7 +329,7 @@ class Manager:
         if att.transport == "loop" and self.host_connect:
             conn = self._host_connection(vm)
             device = str(initiator.namespace_device(vm.subnqn, att.nsid, conn))
-            node = f"nvmetd-{disk}"
+            node = qmp_node_name(disk)
             qemu = ["-blockdev", f"driver=host_device,filename={device},node-name={node},cache.direct=on,aio=native",
                     "-device", f"virtio-blk-pci,drive={node},id={node}"]
         return AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,

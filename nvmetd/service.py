@@ -20,8 +20,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
 from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
+from nvmetd.vms import Ports
 from target.configfs import NVMET_ROOT, ConfigFS
 from target.store import DEFAULT_PATH, StateStore
 
@@ -42,10 +45,46 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def load_config(path: Path) -> dict[str, Any]:
+    """Read and check the configuration, so a broken file is refused whole before any of it is used."""
     if not path.exists():
         return {}
     with open(path, "rb") as f:
-        return tomllib.load(f)
+        config = tomllib.load(f)
+    ports = config.get("ports")
+    if ports is not None:
+        if not isinstance(ports, dict):
+            raise ValueError(f"{path}: [ports] must be a table")
+        try:
+            checked = Ports.model_validate(ports)
+            # the kernel ports they become must be valid too (address family, service id), or every
+            # reconcile after the reload would fail
+            for transport in ("tcp", "loop", *(("rdma",) if checked.rdma_address else ())):
+                checked.port(transport, [])
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "ports" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+    group = config.get("socket_group")
+    if group is not None and not isinstance(group, str):
+        raise ValueError(f"{path}: socket_group must be a string")
+    vhost = config.get("vhost")
+    if vhost is not None:
+        if not isinstance(vhost, dict):
+            raise ValueError(f"{path}: [vhost] must be a table")
+        try:
+            config["vhost"] = VhostConfig.model_validate(vhost).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "vhost" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+    return config
+
+
+class VhostConfig(BaseModel):
+    """[vhost] in nvmetd.toml."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    auto: bool = False  # the hypervisor's QEMU has the vhost-user-nvme device: --transport auto picks vhost
+    socket_group: str | None = None  # QEMU's group: it gets the engine sockets (0660)
+    poll_us: int | None = Field(default=None, ge=1, le=1_000_000)  # engine busy-poll cap
 
 
 def bind_socket(path: Path, group: str | None) -> socket.socket:
@@ -78,6 +117,7 @@ class Service:
                                vhost_auto=bool(vhost.get("auto", False)))
         self.stop = threading.Event()
         self.wake = threading.Event()
+        self.reload = threading.Event()
         from sdnotify import SystemdNotifier
 
         self.notifier = SystemdNotifier()
@@ -86,8 +126,21 @@ class Service:
         self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
         ports = self.config.get("ports")
         if ports is not None:
-            with self.manager.store.transaction() as doc:
-                doc["ports"] = ports
+            stored = Ports.model_validate(ports).model_dump(exclude_unset=True)
+            with self.manager.lock, self.manager.store.transaction() as doc:
+                doc["ports"] = stored
+
+    def reload_config(self) -> None:
+        """SIGHUP: take the new configuration whole, or keep the old one whole (a broken file changes nothing)."""
+        log.info("SIGHUP: reloading %s", self.args.config)
+        try:
+            config = load_config(self.args.config)
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+            log.error("reload of %s failed, keeping the old configuration: %s", self.args.config, exc)
+            return
+        self.config = config
+        self.apply_config()
+        log.info("reloaded %s", self.args.config)
 
     def reconcile_loop(self) -> None:
         """Boot restore first (waiting for late devices/addresses), then repair drift every interval."""
@@ -102,26 +155,32 @@ class Service:
             if self.stop.is_set():
                 break
             try:
+                if self.reload.is_set():
+                    self.reload.clear()
+                    self.reload_config()
                 result = self.manager.reconcile()
                 if result.writes:
                     log.warning("repaired drift: %d configfs changes", result.writes)
             except Exception:
                 log.exception("reconcile failed")
 
-    def watchdog_loop(self) -> None:
-        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        if not usec:
+    def watchdog_loop(self, reconciler: threading.Thread) -> None:
+        """Ping at half the watchdog interval while the reconcile thread lives, so a dead loop gets us restarted."""
+        try:
+            usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        except ValueError:
+            usec = 0
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
             return
         while not self.stop.wait(usec / 2e6):
-            self.notifier.notify("WATCHDOG=1")
+            if reconciler.is_alive():
+                self.notifier.notify("WATCHDOG=1")
 
     def on_hup(self, *_: object) -> None:
-        log.info("SIGHUP: reloading %s", self.args.config)
-        try:
-            self.config = load_config(self.args.config)
-            self.apply_config()
-        except Exception as exc:
-            log.error("reload failed, keeping the old configuration: %s", exc)
+        """Only flags the reload: the work (file I/O, the store lock, logging) happens in the reconcile thread,
+        never inside a signal handler that may have interrupted the main thread holding those locks."""
+        self.reload.set()
         self.wake.set()
 
     def run(self) -> int:
@@ -132,8 +191,9 @@ class Service:
         self.apply_config()
         group = self.args.socket_group or self.config.get("socket_group")
         sock = bind_socket(self.args.socket, group)
-        threading.Thread(target=self.reconcile_loop, name="reconcile", daemon=True).start()
-        threading.Thread(target=self.watchdog_loop, name="watchdog", daemon=True).start()
+        reconciler = threading.Thread(target=self.reconcile_loop, name="reconcile", daemon=True)
+        reconciler.start()
+        threading.Thread(target=self.watchdog_loop, args=(reconciler,), name="watchdog", daemon=True).start()
         signal.signal(signal.SIGHUP, self.on_hup)
         config = uvicorn.Config(create_app(self.manager), log_config=None, access_log=False, lifespan="off")
         server = uvicorn.Server(config)
@@ -178,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     try:
         return Service(args).run()
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
         log.error("cannot start: %s", exc)
         return 3
 

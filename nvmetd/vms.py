@@ -32,7 +32,9 @@ def vm_subsystem(vm_uuid: str) -> str:
 
 def vhost_device_id(vm_name: str) -> str:
     """The QEMU id of a VM's vhost-user-nvme controller (in attach's QEMU arguments and for QMP hot-plug)."""
-    return f"nvmetd-{vm_name}"
+    from nvmetd.qmp import qemu_id
+
+    return qemu_id("nvmetd-vm-", vm_name)
 
 
 class Attachment(BaseModel):
@@ -79,7 +81,8 @@ def new_vm(name: str, vm_uuid: str | None = None) -> Vm:
 class Ports(BaseModel):
     """Where VM subsystems are exported; ids are reserved for nvmetd's own ports."""
 
-    model_config = ConfigDict(extra="forbid")
+    # TOML configurations naturally write `tcp_port = 4420`
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
     tcp_id: int = 4420
     tcp_address: str = "127.0.0.1"
     tcp_port: str = "4420"

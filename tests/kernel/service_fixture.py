@@ -20,6 +20,7 @@ class Daemon:
     proc: subprocess.Popen | None = None
     log: list[Path] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)  # more nvmetd options, e.g. --vhost-dir
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (NOTIFY_SOCKET, WATCHDOG_USEC)
 
     @property
     def socket(self) -> Path:
@@ -33,10 +34,10 @@ class Daemon:
     def state(self) -> Path:
         return self.base / "state.json"
 
-    def start(self, restore_timeout: float = 5.0) -> None:
+    def start(self, restore_timeout: float = 5.0, deadline: float = 300.0) -> None:
         logfile = self.base / f"nvmetd-{len(self.log)}.log"
         self.log.append(logfile)
-        env = {**os.environ, "NVMETD_BACKENDS_DIR": str(self.pools_root)}
+        env = {**os.environ, "NVMETD_BACKENDS_DIR": str(self.pools_root), **self.env}
         with open(logfile, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "nvmetd.service", "--state", str(self.state), "--socket", str(self.socket),
@@ -44,7 +45,8 @@ class Daemon:
                  "--drift-interval", "3600", "--restore-timeout", str(restore_timeout),
                  "--config", str(self.base / "nvmetd.toml"), *self.extra_args],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300  # Python start-up of a FastAPI app under TCG on a busy host
+        limit = deadline
+        deadline = time.monotonic() + limit  # Python start-up of a FastAPI app under TCG on a busy host
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nvmetd exited: {logfile.read_text()}")
@@ -53,12 +55,15 @@ class Daemon:
                 return
             except (httpx.HTTPError, OSError):
                 time.sleep(0.2)
-        raise AssertionError(f"nvmetd did not answer within 300 s: {logfile.read_text()}")
+        raise AssertionError(f"nvmetd did not answer within {limit:g} s: {logfile.read_text()}")
 
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log[-1].read_text() if self.log else ""
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -118,7 +118,7 @@ def test_qmp_hotplugs_the_vhost_controller_into_a_running_guest(qemu: Path, daem
         assert vm.run("ls /sys/class/nvme")[1].strip() == ""
         result = daemon.ctl_json("attach", "guest2", "hot", "--transport", "vhost", "--qmp", str(qmp_sock),
                                  "--qmp-bus", "rp1")
-        assert result["hotplugged"] == {"device_id": "nvmetd-guest2", "plugged": True}
+        assert result["hotplugged"] == {"device_id": "nvmetd-vm-guest2", "plugged": True, "bus": "rp1"}
         out = vm.check("for i in $(seq 120); do [ -b /dev/nvme0n1 ] && break; sleep 0.5; done; "
                        "cat /sys/class/nvme/nvme0/subsysnqn /sys/block/nvme0n1/size", timeout=120)
         subnqn, size = out.split()
