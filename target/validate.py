@@ -15,12 +15,13 @@ import zlib
 NQN_MAX_BYTES = 223
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_NQN_RE = re.compile(rf"^nqn\.(\d{{4}})-(\d{{2}})\.({_LABEL}(?:\.{_LABEL})*)(:[^\s/]+)?$")
+# fullmatch, never `$` (which also matches before a final newline); re.ASCII so `\d` is 0-9 only
+_NQN_RE = re.compile(rf"nqn\.(\d{{4}})-(\d{{2}})\.({_LABEL}(?:\.{_LABEL})*)(:[^\s/]+)?", re.ASCII)
 _UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
-_FC_ADDR_RE = re.compile(r"^nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}$")
-_DHCHAP_RE = re.compile(r"^DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):$")
+_FC_ADDR_RE = re.compile(r"nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}")
+_DHCHAP_RE = re.compile(r"DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):")
 _DHCHAP_LENGTHS = {0: (32, 48, 64), 1: (32,), 2: (48,), 3: (64,)}
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
 def nqn(value: str) -> str:
@@ -37,7 +38,7 @@ def nqn(value: str) -> str:
         except ValueError:
             raise ValueError(f"{value!r} has the uuid form but no valid UUID after it") from None
         return value
-    match = _NQN_RE.match(value)
+    match = _NQN_RE.fullmatch(value)
     if match is None or "\x00" in value or not value.isprintable():
         raise ValueError(f"{value!r} is not an NQN (expected nqn.yyyy-mm.reverse.domain[:name])")
     month = int(match.group(2))
@@ -47,12 +48,15 @@ def nqn(value: str) -> str:
 
 
 def safe_name(value: str, what: str = "name", max_len: int = 64) -> str:
-    """A name that will become one path component: letters, digits and `._:-`, not starting with a dot or dash."""
+    """A name that will become one path component: letters, digits and `._:-`, not starting with a dot or dash.
+
+    `..` is refused anywhere, not only as a whole component: a name is also joined into paths and argv by tools
+    that are not ours, and one simple rule is easier to state and to check than "harmless here"."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
     if len(value) > max_len:
         raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters; at most {max_len}")
-    if not _SAFE_NAME_RE.match(value):
+    if not _SAFE_NAME_RE.fullmatch(value) or ".." in value:
         raise ValueError(f"{what} {value!r} may only use letters, digits and . _ : - and must start with a "
                          "letter or digit (no '/', '..', spaces or NUL)")
     return value
@@ -77,7 +81,7 @@ def ip_for_family(traddr: str, adrfam: str) -> str:
 
 
 def fc_addr(traddr: str) -> str:
-    if not _FC_ADDR_RE.match(traddr):
+    if not _FC_ADDR_RE.fullmatch(traddr):
         raise ValueError(f"{traddr!r} is not an FC address (nn-0x<16 hex>:pn-0x<16 hex>)")
     return traddr
 
@@ -90,7 +94,7 @@ def tcp_port(trsvcid: str) -> str:
 
 def dhchap_key(value: str) -> str:
     """A DH-HMAC-CHAP secret in the NVMe representation `DHHC-1:0x:<base64 key+crc32>:` with a valid CRC."""
-    match = _DHCHAP_RE.match(value)
+    match = _DHCHAP_RE.fullmatch(value)
     if match is None:
         raise ValueError("is not a DH-CHAP secret (expected DHHC-1:0[0-3]:<base64>:)")
     hmac_id = int(match.group(1))

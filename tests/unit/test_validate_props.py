@@ -15,7 +15,8 @@ from target import validate
 SAFE_FIRST = string.ascii_letters + string.digits
 SAFE_REST = SAFE_FIRST + "._:-"
 
-good_names = st.builds(lambda a, b: a + b, st.sampled_from(SAFE_FIRST), st.text(SAFE_REST, max_size=63))
+good_names = st.builds(lambda a, b: a + b, st.sampled_from(SAFE_FIRST),
+                       st.text(SAFE_REST, max_size=63).filter(lambda t: ".." not in t))
 
 # the ways a name can try to leave its directory or confuse the kernel or a reader
 EVIL_PIECES = ["..", "/", "\\", "\x00", "\n", "\r", "\t", " ", "\u202e", "\u200b", "\uff0f", "\u2215", "\u00a0",
@@ -55,6 +56,14 @@ def test_good_names_pass_unchanged(name: str) -> None:
     assert validate.safe_name(name, "disk name") == name
 
 
+@given(evil_names())
+@example("abc\n")  # `$` in a regex also matches before a final newline
+@example("a" * 65)
+@example("..")
+def test_bad_names_are_refused_with_the_field_named(name: str) -> None:
+    assert "disk name" in refused(validate.safe_name, name, "disk name")
+
+
 @given(st.text())
 def test_any_text_is_a_name_or_refused(text: str) -> None:
     try:
@@ -62,7 +71,8 @@ def test_any_text_is_a_name_or_refused(text: str) -> None:
     except ValueError as exc:
         assert str(exc)
         return
-    assert text.isascii() and text.isprintable() and "/" not in text and not text.startswith((".", "-"))
+    assert text.isascii() and text.isprintable() and "/" not in text and ".." not in text
+    assert not text.startswith((".", "-", "_", ":"))
     assert 0 < len(text) <= 64
 
 
@@ -80,6 +90,7 @@ def test_good_nqns_pass(year: int, month: int, domain: list[str], suffix: str) -
 @example("nqn.2026-11.io.nvmetd:a\n")
 @example("nqn.2026-11.io.nvmetd\n")
 @example("nqn.2026-11.io.nvmetd:../../etc")
+@example("nqn.\u0662\u0660\u0662\u0666-11.io.nvmetd:x")  # Arabic-Indic digits match a unicode `\\d`
 def test_any_text_is_an_nqn_or_refused(text: str) -> None:
     try:
         assert validate.nqn(text) == text
@@ -87,6 +98,7 @@ def test_any_text_is_an_nqn_or_refused(text: str) -> None:
         assert str(exc)
         return
     assert text.isprintable() and "/" not in text and len(text.encode()) <= validate.NQN_MAX_BYTES
+    assert text == validate.DISCOVERY_NQN or text[4:8].isascii()
 
 
 @given(st.text(max_size=40))
@@ -97,6 +109,16 @@ def test_uuid_str_canonical_or_refused(text: str) -> None:
         assert str(exc)
         return
     assert out == str(uuid.UUID(out))
+
+
+@given(st.binary(min_size=32, max_size=32) | st.binary(min_size=48, max_size=48) | st.binary(min_size=64,
+                                                                                          max_size=64))
+def test_minted_dhchap_keys_round_trip(secret: bytes) -> None:
+    hmac_id = {32: 1, 48: 2, 64: 3}[len(secret)]
+    key = validate.make_dhchap_key(secret, hmac_id)
+    assert validate.dhchap_key(key) == key
+    refused(validate.dhchap_key, key + "\n")
+    refused(validate.dhchap_key, key[:-1])
 
 
 @given(st.text(max_size=120))
