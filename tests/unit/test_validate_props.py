@@ -76,6 +76,23 @@ def test_any_text_is_a_name_or_refused(text: str) -> None:
     assert 0 < len(text) <= 64
 
 
+@given(st.one_of(st.none(), st.integers(), st.binary(), st.lists(st.text())))
+def test_non_strings_are_refused(value: object) -> None:
+    refused(validate.safe_name, value)
+    refused(validate.nqn, value)
+    refused(validate.dhchap_key, value)
+    refused(validate.device_path, value)
+    refused(validate.uuid_str, value)
+    refused(validate.tcp_port, value)
+
+
+@given(st.sampled_from(["\ud800", "a\udfff", "nqn.2026-11.io.nvmetd:\udc00"]))
+def test_lone_surrogates_from_json_are_refused_clearly(value: str) -> None:
+    """json.loads accepts "\\ud800"; it must not surface as a codec error."""
+    for fn in (validate.safe_name, validate.nqn, validate.device_path):
+        assert "surrogate" in refused(fn, value) or "may only use" in refused(fn, value)
+
+
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 
 
@@ -84,6 +101,14 @@ labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 def test_good_nqns_pass(year: int, month: int, domain: list[str], suffix: str) -> None:
     value = f"nqn.{year}-{month:02d}.{'.'.join(domain)}:{suffix}"
     assert validate.nqn(value) == value
+
+
+@given(st.uuids())
+def test_uuid_nqns_pass_in_canonical_form_only(u: uuid.UUID) -> None:
+    value = f"nqn.2014-08.org.nvmexpress:uuid:{u}"
+    assert validate.nqn(value) == value
+    for variant in (f"{{{u}}}", u.hex, f"urn:uuid:{u}"):
+        refused(validate.nqn, f"nqn.2014-08.org.nvmexpress:uuid:{variant}")
 
 
 @given(st.text(max_size=300))
@@ -109,6 +134,19 @@ def test_uuid_str_canonical_or_refused(text: str) -> None:
         assert str(exc)
         return
     assert out == str(uuid.UUID(out))
+
+
+@given(st.text(max_size=8))
+@example("\u0661\u0662")  # Arabic-Indic digits are str.isdigit()
+@example("\u00b2")  # so is superscript two, which int() refuses
+@example("80\n")
+def test_tcp_port_is_ascii_digits_in_range(text: str) -> None:
+    try:
+        out = validate.tcp_port(text)
+    except ValueError as exc:
+        assert "port" in str(exc)
+        return
+    assert text.isascii() and text.isdigit() and 1 <= int(text) <= 65535 and out == str(int(text))
 
 
 @given(st.binary(min_size=32, max_size=32) | st.binary(min_size=48, max_size=48) | st.binary(min_size=64,
