@@ -6,46 +6,113 @@ blocks reads or /metrics. Each change is idempotent: retrying a create or an att
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 from nvmetd.errors import SystemProblem, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
+from target import validate
 from target.model import StateError, parse_state
 
+# The rules below are published in the OpenAPI schema (pattern, length) and enforced by the validators, whose
+# messages name the field; names are refused here, before any of them reaches a pool, a path or configfs.
+VOLUME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*$"  # backends.names: no ':' (LVM), no '..' anywhere
+VM_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:-]*$"  # target.validate.safe_name
 
-class DiskCreate(BaseModel):
-    name: str
-    pool: str
-    size: str | int = Field(description="bytes, or with a unit: 10G, 512M")
-    tenant: str = "default"
+
+def _backend_rule(what: str, max_len: int = 64):
+    def check(value: str) -> str:
+        from backends import names
+        from backends.errors import BackendError
+
+        try:
+            names.name(value, what)
+        except BackendError as exc:
+            raise ValueError(str(exc)) from None
+        if len(value) > max_len:
+            raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters; at most {max_len}")
+        return value
+
+    return check
+
+
+def _size(value: str | int) -> str | int:
+    from backends import names
+    from backends.errors import BackendError
+
+    try:
+        names.size(value)
+    except BackendError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _vm_name(value: str) -> str:
+    return validate.safe_name(value, "VM name")
+
+
+def _uuid(value: str | None) -> str | None:
+    return None if value is None else validate.uuid_str(value)
+
+
+def _name_schema(pattern: str, max_len: int) -> dict[str, Any]:
+    return {"pattern": pattern, "minLength": 1, "maxLength": max_len}
+
+
+DiskName = Annotated[str, AfterValidator(_backend_rule("disk name")),
+                     Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 64))]
+PoolName = Annotated[str, AfterValidator(_backend_rule("pool name", 32)),
+                     Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 32))]
+TenantName = Annotated[str, AfterValidator(_backend_rule("tenant name")),
+                       Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 64))]
+SnapshotName = Annotated[str, AfterValidator(_backend_rule("snapshot name")),
+                         Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 64))]
+Size = Annotated[str | StrictInt, AfterValidator(_size),
+                 Field(description="bytes (a multiple of 1 MiB), or with a unit: 10G, 512M")]
+VmUuid = Annotated[str | None, AfterValidator(_uuid)]
+
+DiskPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 64)),
+                     AfterValidator(_backend_rule("disk name"))]
+VmPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VM_PATTERN, 64)), AfterValidator(_vm_name)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class DiskCreate(_Request):
+    name: DiskName
+    pool: PoolName
+    size: Size
+    tenant: TenantName = "default"
     thin: bool = True
     encrypted: bool = False
-    compression: str = "off"
+    compression: str = Field("off", max_length=32, description="per backend: off, or e.g. lz4 / zstd on ZFS")
 
 
-class DiskResize(BaseModel):
-    size: str | int
+class DiskResize(_Request):
+    size: Size
     force: bool = False
 
 
-class Snapshot(BaseModel):
-    snapshot: str
+class Snapshot(_Request):
+    snapshot: SnapshotName
 
 
-class Clone(BaseModel):
-    snapshot: str
-    name: str
+class Clone(_Request):
+    snapshot: SnapshotName
+    name: DiskName
 
 
-class AttachRequest(BaseModel):
+class AttachRequest(_Request):
     transport: Literal["auto", "tcp", "loop", "rdma", "vhost"] = "auto"
-    vm_uuid: str | None = None
+    vm_uuid: VmUuid = None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -95,24 +162,24 @@ def create_app(manager: Manager) -> FastAPI:
                                        req.encrypted, req.compression)
 
     @app.get("/v1/disks/{name}")
-    async def show_disk(name: str) -> dict[str, Any]:
+    async def show_disk(name: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.disk_info, name)
 
     @app.delete("/v1/disks/{name}")
-    async def delete_disk(name: str) -> dict[str, Any]:
+    async def delete_disk(name: DiskPath) -> dict[str, Any]:
         await run_in_threadpool(manager.delete_disk, name)
         return {"deleted": name}
 
     @app.post("/v1/disks/{name}/resize")
-    async def resize_disk(name: str, req: DiskResize) -> dict[str, Any]:
+    async def resize_disk(name: DiskPath, req: DiskResize) -> dict[str, Any]:
         return await run_in_threadpool(manager.resize_disk, name, req.size, req.force)
 
     @app.post("/v1/disks/{name}/snapshots")
-    async def snapshot_disk(name: str, req: Snapshot) -> dict[str, Any]:
+    async def snapshot_disk(name: DiskPath, req: Snapshot) -> dict[str, Any]:
         return await run_in_threadpool(manager.snapshot_disk, name, req.snapshot)
 
     @app.post("/v1/disks/{name}/clones")
-    async def clone_disk(name: str, req: Clone) -> dict[str, Any]:
+    async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:
         return await run_in_threadpool(manager.clone_disk, name, req.snapshot, req.name)
 
     @app.get("/v1/vms")
@@ -120,16 +187,16 @@ def create_app(manager: Manager) -> FastAPI:
         return await run_in_threadpool(manager.list_vms)
 
     @app.get("/v1/vms/{vm}")
-    async def show_vm(vm: str) -> dict[str, Any]:
+    async def show_vm(vm: VmPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.vm_info, vm)
 
     @app.put("/v1/vms/{vm}/disks/{disk}")
-    async def attach(vm: str, disk: str, req: AttachRequest) -> dict[str, Any]:
+    async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid)
         return result.to_dict()
 
     @app.delete("/v1/vms/{vm}/disks/{disk}")
-    async def detach(vm: str, disk: str) -> dict[str, Any]:
+    async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
 
     @app.post("/v1/reconcile")
