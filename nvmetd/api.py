@@ -6,19 +6,25 @@ blocks reads or /metrics. Each change is idempotent: retrying a create or an att
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException
 
+from backends.errors import BackendError, NotFoundError
 from nvmetd.errors import SystemProblem, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
 from target import validate
 from target.model import StateError, parse_state
+
+log = logging.getLogger("nvmetd.api")
 
 # The rules below are published in the OpenAPI schema (pattern, length) and enforced by the validators, whose
 # messages name the field; names are refused here, before any of them reaches a pool, a path or configfs.
@@ -115,12 +121,49 @@ class AttachRequest(_Request):
     vm_uuid: VmUuid = None
 
 
+class ErrorBody(BaseModel):
+    """Every refused request answers with one line naming what was wrong (never a traceback)."""
+
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad input, or not possible in the current state"},
+    404: {"model": ErrorBody, "description": "no such object"},
+    409: {"model": ErrorBody, "description": "refused by the storage backend (in use, quota, pool full)"},
+    422: {"model": ErrorBody, "description": "the request does not match its schema"},
+    503: {"model": ErrorBody, "description": "the host cannot do it now (kernel feature, device, permission)"},
+}
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line per problem, field first ("body.name: disk name '../x' may only use ..."), without the input
+    echoed back in full or pydantic's URLs."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        parts.append(f"{loc}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    return "; ".join(parts).replace("\n", " ") or "invalid request"
+
+
 def create_app(manager: Manager) -> FastAPI:
     app = FastAPI(title="nvmetd", version="1", description="nvmetd: NVMe-oF target control for VM hosts")
+    router = APIRouter(responses=ERRORS)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (unparsable body, no such route, wrong method) in the same shape as ours."""
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(exc))
 
     @app.exception_handler(UserError)
     async def _user(_: Request, exc: UserError) -> JSONResponse:
@@ -138,76 +181,87 @@ def create_app(manager: Manager) -> FastAPI:
     async def _system(_: Request, exc: SystemProblem) -> JSONResponse:
         return _error(503, str(exc))
 
-    @app.exception_handler(Exception)
-    async def _other(_: Request, exc: Exception) -> JSONResponse:
-        from backends.errors import BackendError, NotFoundError
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return _error(404, str(exc))
 
-        if isinstance(exc, NotFoundError):
-            return _error(404, str(exc))
-        if isinstance(exc, BackendError):
-            return _error(409, str(exc))
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    @app.exception_handler(BackendError)
+    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
+        return _error(409, str(exc))
 
-    @app.get("/v1/status")
+    @app.middleware("http")
+    async def _internal(request: Request, call_next: Any) -> Any:
+        """A bug answers 500 with the exception's type only; the traceback goes to the log. Not an
+        exception_handler(Exception): Starlette re-raises after those, so uvicorn logged every refusal as a crash
+        and closed the connection, and a client reusing it got a reset on its next request."""
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+            return _error(500, f"internal error: {type(exc).__name__} (details in the nvmetd log)")
+
+    @router.get("/v1/status")
     async def status() -> dict[str, Any]:
         return await run_in_threadpool(manager.status)
 
-    @app.get("/v1/disks")
+    @router.get("/v1/disks")
     async def list_disks() -> list[dict[str, Any]]:
         return await run_in_threadpool(manager.list_disks)
 
-    @app.post("/v1/disks")
+    @router.post("/v1/disks")
     async def create_disk(req: DiskCreate) -> dict[str, Any]:
         return await run_in_threadpool(manager.create_disk, req.name, req.pool, req.size, req.tenant, req.thin,
                                        req.encrypted, req.compression)
 
-    @app.get("/v1/disks/{name}")
+    @router.get("/v1/disks/{name}")
     async def show_disk(name: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.disk_info, name)
 
-    @app.delete("/v1/disks/{name}")
+    @router.delete("/v1/disks/{name}")
     async def delete_disk(name: DiskPath) -> dict[str, Any]:
         await run_in_threadpool(manager.delete_disk, name)
         return {"deleted": name}
 
-    @app.post("/v1/disks/{name}/resize")
+    @router.post("/v1/disks/{name}/resize")
     async def resize_disk(name: DiskPath, req: DiskResize) -> dict[str, Any]:
         return await run_in_threadpool(manager.resize_disk, name, req.size, req.force)
 
-    @app.post("/v1/disks/{name}/snapshots")
+    @router.post("/v1/disks/{name}/snapshots")
     async def snapshot_disk(name: DiskPath, req: Snapshot) -> dict[str, Any]:
         return await run_in_threadpool(manager.snapshot_disk, name, req.snapshot)
 
-    @app.post("/v1/disks/{name}/clones")
+    @router.post("/v1/disks/{name}/clones")
     async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:
         return await run_in_threadpool(manager.clone_disk, name, req.snapshot, req.name)
 
-    @app.get("/v1/vms")
+    @router.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:
         return await run_in_threadpool(manager.list_vms)
 
-    @app.get("/v1/vms/{vm}")
+    @router.get("/v1/vms/{vm}")
     async def show_vm(vm: VmPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.vm_info, vm)
 
-    @app.put("/v1/vms/{vm}/disks/{disk}")
+    @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid)
         return result.to_dict()
 
-    @app.delete("/v1/vms/{vm}/disks/{disk}")
+    @router.delete("/v1/vms/{vm}/disks/{disk}")
     async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
 
-    @app.post("/v1/reconcile")
+    @router.post("/v1/reconcile")
     async def reconcile() -> dict[str, Any]:
         result = await run_in_threadpool(manager.reconcile)
         return result.to_dict()
 
-    @app.put("/v1/target")
+    @router.put("/v1/target")
     async def put_target(state: dict[str, Any]) -> dict[str, Any]:
         result = await run_in_threadpool(manager.apply_base, parse_state(state))
         return result.to_dict()
+
+    app.include_router(router)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
