@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from backends.errors import BackendError, NotFoundError
-from nvmetd.errors import SystemProblem, UserError
+from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
 from target import validate
@@ -130,7 +130,8 @@ class ErrorBody(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad input, or not possible in the current state"},
     404: {"model": ErrorBody, "description": "no such object"},
-    409: {"model": ErrorBody, "description": "refused by the storage backend (in use, quota, pool full)"},
+    409: {"model": ErrorBody, "description": "refused: in use, quota, pool full, or a transport this host does "
+                                             "not offer"},
     422: {"model": ErrorBody, "description": "the request does not match its schema"},
     503: {"model": ErrorBody, "description": "the host cannot do it now (kernel feature, device, permission)"},
 }
@@ -176,6 +177,10 @@ def create_app(manager: Manager) -> FastAPI:
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(Unsupported)
+    async def _unsupported(_: Request, exc: Unsupported) -> JSONResponse:
+        return _error(409, str(exc))
 
     @app.exception_handler(SystemProblem)
     async def _system(_: Request, exc: SystemProblem) -> JSONResponse:

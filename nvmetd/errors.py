@@ -18,3 +18,8 @@ class SystemProblem(Exception):
     """The host cannot do what was asked; shown as one line, exit code 3."""
 
     exit_code = EXIT_SYSTEM
+
+
+class Unsupported(SystemProblem):
+    """This host cannot serve a valid request (a transport that is not set up); refused before anything is
+    recorded. The API answers 409: asking again will not help until the host changes."""

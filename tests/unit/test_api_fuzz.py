@@ -122,6 +122,21 @@ def test_backend_refusals_are_not_logged_as_crashes(client: httpx.Client, caplog
     assert [r.getMessage() for r in caplog.records] == []
 
 
+@pytest.mark.parametrize("transport", ["rdma", "vhost"])
+def test_a_transport_the_host_lacks_is_refused_before_it_is_recorded(world: World, client: httpx.Client,
+                                                                     transport: str) -> None:
+    """Found by the fuzzer: an rdma attach without an rdma address was stored, and from then on every reconcile
+    (every attach, for every VM) failed; vhost answered 503 even for a disk that does not exist."""
+    generation = world.manager.store.load()["generation"]
+    resp = client.put("/v1/vms/vm-new/disks/d1", json={"transport": transport})
+    assert resp.status_code == 409 and transport in resp.json()["error"].lower()
+    assert world.manager.store.load()["generation"] == generation
+    assert client.put("/v1/vms/vm-new/disks/nope", json={"transport": transport}).json()["error"].startswith(
+        "no disk named 'nope'")
+    assert client.put("/v1/vms/vm-other/disks/d1", json={"transport": "tcp"}).status_code == 200
+    assert client.delete("/v1/vms/vm-other/disks/d1").status_code == 200
+
+
 @pytest.mark.parametrize("raw", [b"\xff{", b'{"name": ', b"[]", b"null"])
 def test_unparsable_or_wrong_bodies_get_one_line_errors(client: httpx.Client, raw: bytes) -> None:
     resp = client.post("/v1/disks", content=raw, headers={"content-type": "application/json"})
