@@ -152,7 +152,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def create_app(manager: Manager) -> FastAPI:
-    app = FastAPI(title="nvmetd", version="1", description="nvmetd: NVMe-oF target control for VM hosts")
+    # no slash redirects: `DELETE /v1/disks/d1%2F` must be refused, not redirected to `DELETE /v1/disks/d1`
+    app = FastAPI(title="nvmetd", version="1", description="nvmetd: NVMe-oF target control for VM hosts",
+                  redirect_slashes=False)
     router = APIRouter(responses=ERRORS)
 
     @app.exception_handler(HTTPException)
