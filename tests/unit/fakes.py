@@ -41,3 +41,20 @@ class FakeFS(ConfigFS):
         if kind == "ports":
             for sub in ("subsystems", "referrals", "ana_groups/1"):
                 (path / sub).mkdir(parents=True)
+
+    def rmdir(self, rel: str) -> None:
+        """configfs drops a directory's attribute files and default groups with it; what a user created inside
+        (a namespace, a link) still makes the rmdir fail, as in the kernel."""
+        path = Path(self.path(rel))
+        kind = path.parent.name
+        if path.is_dir():
+            for name in FakeKernel.FILES.get(kind, {}):
+                (path / name).unlink(missing_ok=True)
+            defaults = {"subsystems": ["namespaces", "allowed_hosts", "passthru"],
+                        "ports": ["subsystems", "referrals", "ana_groups/1", "ana_groups"]}.get(kind, [])
+            for sub in defaults:
+                try:
+                    (path / sub).rmdir()
+                except OSError:
+                    break
+        super().rmdir(rel)
