@@ -26,7 +26,7 @@ from tests.kernel.service_fixture import Daemon
 
 pytestmark = pytest.mark.kernel
 
-EXAMPLES = int(os.environ.get("NVMETD_FUZZ_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("NVMETD_FUZZ_EXAMPLES", "2"))  # 4: 34 passed in 13 min on a loaded host
 schema = api_fuzz.load_schema(max_examples=EXAMPLES)
 
 
