@@ -61,7 +61,8 @@ class Demo:
         self.daemon: subprocess.Popen[bytes] | None = None
 
     def nvmetctl(self, *args: str) -> str:
-        argv = [sys.executable, "-m", "nvmetd.cli", "--state", str(self.state), "--socket", str(self.socket), *args]
+        argv = [sys.executable, "-m", "nvmetd.cli", "--state", str(self.state), "--socket", str(self.socket),
+                "--pools-root", str(self.pools), *args]
         return run("nvmetctl " + " ".join(args), argv)
 
     def start_daemon(self) -> None:
