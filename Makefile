@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
 
-.PHONY: setup demo test bench bench-vhost bench-target bench-backends lint clean
+.PHONY: setup demo test bench bench-vhost bench-target bench-backends bench-attach lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -32,6 +32,11 @@ bench-target: $(STAMP)
 
 bench-backends: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m backends.bench
+
+# attach-to-usable latency over loop (median of 50), then with 10, 100, 500 VMs already attached
+BENCH_ATTACH_ARGS ?=
+bench-attach: $(STAMP)
+	.venv/bin/python -m rig --memory 4G --timeout 7200 -- .venv/bin/python -m nvmetd.bench_attach $(BENCH_ATTACH_ARGS)
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

@@ -278,7 +278,12 @@ class Backend(ABC):
             intent = new_intent_id()
             doc["intents"][intent] = {"op": "grow", "volume": name, "tenant": vol["tenant"], "from": old,
                                       "to": new_size, "time": time.time()}
-        self._finish_grow(intent, vol, new_size)
+        try:
+            self._finish_grow(intent, vol, new_size)
+        except BackendError:
+            # refused before anything changed (the size is still the old one): no intent left to block the volume
+            self._end(intent)
+            raise
         return self.info(name)
 
     def _finish_grow(self, intent: str, vol: Record, new_size: int) -> None:

@@ -65,7 +65,7 @@ class FileBackend(Backend):
         except FileExistsError:
             raise BackendError(f"{path} exists but the ledger does not know it: run recovery or remove it") from None
         try:
-            os.ftruncate(fd, backing_bytes)
+            _truncate(fd, backing_bytes, path)
             if not vol["thin"]:
                 _allocate(fd, 0, backing_bytes, path)
             os.fsync(fd)
@@ -85,7 +85,7 @@ class FileBackend(Backend):
         fd = os.open(path, os.O_RDWR)
         try:
             old = os.fstat(fd).st_size
-            os.ftruncate(fd, backing_bytes)
+            _truncate(fd, backing_bytes, path)
             if not vol["thin"] and backing_bytes > old:
                 _allocate(fd, old, backing_bytes - old, path)
             os.fsync(fd)
@@ -121,6 +121,14 @@ class FileBackend(Backend):
             return self._path(vol["name"]).stat().st_blocks * 512, 1.0
         except FileNotFoundError:
             return 0, 1.0
+
+
+def _truncate(fd: int, size: int, path: Path) -> None:
+    """The filesystem's own limit (EFBIG: ext4 stops at 16 TiB) is a refusal with a reason, not a crash."""
+    try:
+        os.ftruncate(fd, size)
+    except (OSError, OverflowError) as exc:
+        raise BackendError(f"cannot make {path} {size} bytes long: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _allocate(fd: int, offset: int, length: int, path: Path) -> None:

@@ -14,6 +14,7 @@ from target.validate import safe_name
 
 MAX_NAME = 64
 MIB = 1 << 20
+MAX_SIZE = 1 << 60  # 1 EiB: far above any real volume, far below what ftruncate/lvcreate can be handed (2^63)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -39,6 +40,8 @@ def size(value: int | str, what: str = "size") -> int:
         raise BackendError(f"{what} must be a positive number of bytes")
     if value % MIB:
         raise BackendError(f"{what} {value} is not a multiple of 1 MiB (1048576 bytes)")
+    if value > MAX_SIZE:
+        raise BackendError(f"{what} {value} is more than 1 EiB ({MAX_SIZE} bytes)")
     return value
 
 

@@ -6,56 +6,170 @@ blocks reads or /metrics. Each change is idempotent: retrying a create or an att
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException
 
-from nvmetd.errors import SystemProblem, UserError
+from backends.errors import BackendError, NotFoundError
+from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
+from target import validate
 from target.model import StateError, parse_state
 
+log = logging.getLogger("nvmetd.api")
 
-class DiskCreate(BaseModel):
-    name: str
-    pool: str
-    size: str | int = Field(description="bytes, or with a unit: 10G, 512M")
-    tenant: str = "default"
+# The rules below are published in the OpenAPI schema (pattern, length) and enforced by the validators, whose
+# messages name the field; names are refused here, before any of them reaches a pool, a path or configfs.
+VOLUME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*$"  # backends.names: no ':' (LVM), no '..' anywhere
+VM_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:-]*$"  # target.validate.safe_name
+
+
+def _backend_rule(what: str, max_len: int = 64):
+    def check(value: str) -> str:
+        from backends import names
+        from backends.errors import BackendError
+
+        try:
+            names.name(value, what)
+        except BackendError as exc:
+            raise ValueError(str(exc)) from None
+        if len(value) > max_len:
+            raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters; at most {max_len}")
+        return value
+
+    return check
+
+
+def _size(value: str | int) -> str | int:
+    from backends import names
+    from backends.errors import BackendError
+
+    try:
+        names.size(value)
+    except BackendError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _vm_name(value: str) -> str:
+    return validate.safe_name(value, "VM name")
+
+
+def _uuid(value: str | None) -> str | None:
+    return None if value is None else validate.uuid_str(value)
+
+
+def _name_schema(pattern: str, max_len: int) -> dict[str, Any]:
+    return {"pattern": pattern, "minLength": 1, "maxLength": max_len}
+
+
+DiskName = Annotated[str, AfterValidator(_backend_rule("disk name")),
+                     Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 64))]
+PoolName = Annotated[str, AfterValidator(_backend_rule("pool name", 32)),
+                     Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 32))]
+TenantName = Annotated[str, AfterValidator(_backend_rule("tenant name")),
+                       Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 64))]
+SnapshotName = Annotated[str, AfterValidator(_backend_rule("snapshot name")),
+                         Field(json_schema_extra=_name_schema(VOLUME_PATTERN, 64))]
+Size = Annotated[str | StrictInt, AfterValidator(_size),
+                 Field(description="bytes (a multiple of 1 MiB), or with a unit: 10G, 512M")]
+VmUuid = Annotated[str | None, AfterValidator(_uuid)]
+
+DiskPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 64)),
+                     AfterValidator(_backend_rule("disk name"))]
+VmPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VM_PATTERN, 64)), AfterValidator(_vm_name)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class DiskCreate(_Request):
+    name: DiskName
+    pool: PoolName
+    size: Size
+    tenant: TenantName = "default"
     thin: bool = True
     encrypted: bool = False
-    compression: str = "off"
+    compression: str = Field("off", max_length=32, description="per backend: off, or e.g. lz4 / zstd on ZFS")
 
 
-class DiskResize(BaseModel):
-    size: str | int
+class DiskResize(_Request):
+    size: Size
     force: bool = False
 
 
-class Snapshot(BaseModel):
-    snapshot: str
+class Snapshot(_Request):
+    snapshot: SnapshotName
 
 
-class Clone(BaseModel):
-    snapshot: str
-    name: str
+class Clone(_Request):
+    snapshot: SnapshotName
+    name: DiskName
 
 
-class AttachRequest(BaseModel):
+class AttachRequest(_Request):
     transport: Literal["auto", "tcp", "loop", "rdma", "vhost"] = "auto"
-    vm_uuid: str | None = None
-    memory: str | None = Field(default=None, description="vhost: the VM's RAM size (512M, 4G); the QEMU "
-                               "arguments then include the shared memory backend vhost-user needs")
+    vm_uuid: VmUuid = None
+    memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
+                               description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
+                               "include the shared memory backend vhost-user needs")
+
+
+class ErrorBody(BaseModel):
+    """Every refused request answers with one line naming what was wrong (never a traceback)."""
+
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad input, or not possible in the current state"},
+    404: {"model": ErrorBody, "description": "no such object"},
+    409: {"model": ErrorBody, "description": "refused: in use, quota, pool full, or a transport this host does "
+                                             "not offer"},
+    422: {"model": ErrorBody, "description": "the request does not match its schema"},
+    503: {"model": ErrorBody, "description": "the host cannot do it now (kernel feature, device, permission)"},
+}
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line per problem, field first ("body.name: disk name '../x' may only use ..."), without the input
+    echoed back in full or pydantic's URLs."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        parts.append(f"{loc}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    return "; ".join(parts).replace("\n", " ") or "invalid request"
+
+
 def create_app(manager: Manager) -> FastAPI:
-    app = FastAPI(title="nvmetd", version="1", description="nvmetd: NVMe-oF target control for VM hosts")
+    # no slash redirects: `DELETE /v1/disks/d1%2F` must be refused, not redirected to `DELETE /v1/disks/d1`
+    app = FastAPI(title="nvmetd", version="1", description="nvmetd: NVMe-oF target control for VM hosts",
+                  redirect_slashes=False)
+    router = APIRouter(responses=ERRORS)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (unparsable body, no such route, wrong method) in the same shape as ours."""
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(exc))
 
     @app.exception_handler(UserError)
     async def _user(_: Request, exc: UserError) -> JSONResponse:
@@ -69,80 +183,95 @@ def create_app(manager: Manager) -> FastAPI:
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(Unsupported)
+    async def _unsupported(_: Request, exc: Unsupported) -> JSONResponse:
+        return _error(409, str(exc))
+
     @app.exception_handler(SystemProblem)
     async def _system(_: Request, exc: SystemProblem) -> JSONResponse:
         return _error(503, str(exc))
 
-    @app.exception_handler(Exception)
-    async def _other(_: Request, exc: Exception) -> JSONResponse:
-        from backends.errors import BackendError, NotFoundError
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return _error(404, str(exc))
 
-        if isinstance(exc, NotFoundError):
-            return _error(404, str(exc))
-        if isinstance(exc, BackendError):
-            return _error(409, str(exc))
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    @app.exception_handler(BackendError)
+    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
+        return _error(409, str(exc))
 
-    @app.get("/v1/status")
+    @app.middleware("http")
+    async def _internal(request: Request, call_next: Any) -> Any:
+        """A bug answers 500 with the exception's type only; the traceback goes to the log. Not an
+        exception_handler(Exception): Starlette re-raises after those, so uvicorn logged every refusal as a crash
+        and closed the connection, and a client reusing it got a reset on its next request."""
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+            return _error(500, f"internal error: {type(exc).__name__} (details in the nvmetd log)")
+
+    @router.get("/v1/status")
     async def status() -> dict[str, Any]:
         return await run_in_threadpool(manager.status)
 
-    @app.get("/v1/disks")
+    @router.get("/v1/disks")
     async def list_disks() -> list[dict[str, Any]]:
         return await run_in_threadpool(manager.list_disks)
 
-    @app.post("/v1/disks")
+    @router.post("/v1/disks")
     async def create_disk(req: DiskCreate) -> dict[str, Any]:
         return await run_in_threadpool(manager.create_disk, req.name, req.pool, req.size, req.tenant, req.thin,
                                        req.encrypted, req.compression)
 
-    @app.get("/v1/disks/{name}")
-    async def show_disk(name: str) -> dict[str, Any]:
+    @router.get("/v1/disks/{name}")
+    async def show_disk(name: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.disk_info, name)
 
-    @app.delete("/v1/disks/{name}")
-    async def delete_disk(name: str) -> dict[str, Any]:
+    @router.delete("/v1/disks/{name}")
+    async def delete_disk(name: DiskPath) -> dict[str, Any]:
         await run_in_threadpool(manager.delete_disk, name)
         return {"deleted": name}
 
-    @app.post("/v1/disks/{name}/resize")
-    async def resize_disk(name: str, req: DiskResize) -> dict[str, Any]:
+    @router.post("/v1/disks/{name}/resize")
+    async def resize_disk(name: DiskPath, req: DiskResize) -> dict[str, Any]:
         return await run_in_threadpool(manager.resize_disk, name, req.size, req.force)
 
-    @app.post("/v1/disks/{name}/snapshots")
-    async def snapshot_disk(name: str, req: Snapshot) -> dict[str, Any]:
+    @router.post("/v1/disks/{name}/snapshots")
+    async def snapshot_disk(name: DiskPath, req: Snapshot) -> dict[str, Any]:
         return await run_in_threadpool(manager.snapshot_disk, name, req.snapshot)
 
-    @app.post("/v1/disks/{name}/clones")
-    async def clone_disk(name: str, req: Clone) -> dict[str, Any]:
+    @router.post("/v1/disks/{name}/clones")
+    async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:
         return await run_in_threadpool(manager.clone_disk, name, req.snapshot, req.name)
 
-    @app.get("/v1/vms")
+    @router.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:
         return await run_in_threadpool(manager.list_vms)
 
-    @app.get("/v1/vms/{vm}")
-    async def show_vm(vm: str) -> dict[str, Any]:
+    @router.get("/v1/vms/{vm}")
+    async def show_vm(vm: VmPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.vm_info, vm)
 
-    @app.put("/v1/vms/{vm}/disks/{disk}")
-    async def attach(vm: str, disk: str, req: AttachRequest) -> dict[str, Any]:
+    @router.put("/v1/vms/{vm}/disks/{disk}")
+    async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory)
         return result.to_dict()
 
-    @app.delete("/v1/vms/{vm}/disks/{disk}")
-    async def detach(vm: str, disk: str) -> dict[str, Any]:
+    @router.delete("/v1/vms/{vm}/disks/{disk}")
+    async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
 
-    @app.post("/v1/reconcile")
+    @router.post("/v1/reconcile")
     async def reconcile() -> dict[str, Any]:
         result = await run_in_threadpool(manager.reconcile)
         return result.to_dict()
 
-    @app.put("/v1/target")
+    @router.put("/v1/target")
     async def put_target(state: dict[str, Any]) -> dict[str, Any]:
         result = await run_in_threadpool(manager.apply_base, parse_state(state))
         return result.to_dict()
+
+    app.include_router(router)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

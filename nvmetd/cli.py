@@ -28,8 +28,10 @@ from target.store import DEFAULT_PATH, StateStore, set_target
 
 
 class Context:
-    def __init__(self, state: Path, configfs: Path, as_json: bool, socket: Path) -> None:
+    def __init__(self, state: Path, configfs: Path, as_json: bool, socket: Path,
+                 pools_root: Path | None = None) -> None:
         self.store = StateStore(state)
+        self.pools_root = pools_root
         self.configfs_root = configfs
         self.as_json = as_json
         self.socket = socket
@@ -72,7 +74,7 @@ class Context:
             return parse_state(doc.get("target", {}))
         from nvmetd.manager import Manager
 
-        return Manager(self.store, ConfigFS(self.configfs_root)).effective(doc)
+        return Manager(self.store, ConfigFS(self.configfs_root), pools_root=self.pools_root).effective(doc)
 
     def emit(self, data: Any, text: str) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text)
@@ -112,17 +114,20 @@ def _result_text(result: ApplyResult) -> str:
               hidden=True)
 @click.option("--socket", type=click.Path(path_type=Path), envvar="NVMETD_SOCKET",
               default=Path("/run/nvmetd/nvmetd.sock"), show_default=True, help="nvmetd's API socket")
+@click.option("--pools-root", type=click.Path(path_type=Path), envvar="NVMETD_BACKENDS_DIR", default=None,
+              help="the pools' state directory, as given to nvmetd (default /var/lib/nvmetd/backends)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("-v", "--verbose", is_flag=True, help="log each configfs change")
 @click.pass_context
-def cli(ctx: click.Context, state_path: Path, configfs: Path, socket: Path, as_json: bool, verbose: bool) -> None:
+def cli(ctx: click.Context, state_path: Path, configfs: Path, socket: Path, pools_root: Path | None, as_json: bool,
+        verbose: bool) -> None:
     """Control the Linux in-kernel NVMe-oF target (nvmet): VMs, disks and the declarative target tree.
 
     attach/detach/disk/vm talk to the nvmetd service; apply/diff/repair/restore/import/export work on the
     state file and configfs directly (as root).
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    ctx.obj = Context(state_path, configfs, as_json, socket)
+    ctx.obj = Context(state_path, configfs, as_json, socket, pools_root)
 
 
 @cli.command()

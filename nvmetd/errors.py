@@ -29,6 +29,7 @@ def run_cli(command: Any, argv: list[str] | None, prog_name: str, label: str) ->
     exit code whichever way the command was started."""
     import click
 
+    from backends.errors import BackendError, ToolError
     from target.configfs import ConfigfsError
     from target.features import FeatureError
     from target.model import StateError
@@ -55,8 +56,15 @@ def run_cli(command: Any, argv: list[str] | None, prog_name: str, label: str) ->
         return fail(str(exc), EXIT_SYSTEM)
     except PermissionError as exc:
         return fail(f"permission denied: {exc.filename} ({label} needs root)", EXIT_SYSTEM)
+    except BackendError as exc:  # the local commands open pools to find the VMs' devices
+        return fail(str(exc), EXIT_SYSTEM if isinstance(exc, ToolError) else EXIT_USAGE)
     except OSError as exc:  # e.g. an output directory that cannot be written
         return fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_SYSTEM)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     return EXIT_OK
+
+
+class Unsupported(SystemProblem):
+    """This host cannot serve a valid request (a transport that is not set up); refused before anything is
+    recorded. The API answers 409: asking again will not help until the host changes."""

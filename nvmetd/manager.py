@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nvmetd import initiator
-from nvmetd.errors import SystemProblem, UserError
+from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
@@ -276,6 +276,7 @@ class Manager:
         with self.lock:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, disk)
+                self._check_transport(chosen, doc)
                 vms = doc.setdefault("vms", {})
                 vm = Vm.model_validate(vms[vm_name]) if vm_name in vms else new_vm(vm_name, vm_uuid)
                 if vm_uuid and vm.uuid != validate.uuid_str(vm_uuid):
@@ -302,6 +303,13 @@ class Manager:
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
             return self._attach_result(vm_name, disk, why, memory)
+
+    def _check_transport(self, transport: str, doc: dict[str, Any]) -> None:
+        """Refuse a transport this host cannot export before the attachment is recorded: once stored, an
+        unexportable attachment would make every later reconcile fail, for every VM."""
+        if transport == "rdma" and not self._ports(doc).rdma_address:
+            raise Unsupported("no RDMA address is configured: set ports.rdma_address in nvmetd.toml (an address "
+                              "on an RDMA-capable interface, e.g. rdma_rxe), then reload nvmetd")
 
     def _key_file(self, vm: Vm) -> Path:
         self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

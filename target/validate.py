@@ -15,29 +15,33 @@ import zlib
 NQN_MAX_BYTES = 223
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_NQN_RE = re.compile(rf"^nqn\.(\d{{4}})-(\d{{2}})\.({_LABEL}(?:\.{_LABEL})*)(:[^\s/]+)?$")
+# fullmatch, never `$` (which also matches before a final newline); re.ASCII so `\d` is 0-9 only
+_NQN_RE = re.compile(rf"nqn\.(\d{{4}})-(\d{{2}})\.({_LABEL}(?:\.{_LABEL})*)(:[^\s/]+)?", re.ASCII)
 _UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
-_FC_ADDR_RE = re.compile(r"^nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}$")
-_DHCHAP_RE = re.compile(r"^DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):$")
+_FC_ADDR_RE = re.compile(r"nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}")
+_DHCHAP_RE = re.compile(r"DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):")
 _DHCHAP_LENGTHS = {0: (32, 48, 64), 1: (32,), 2: (48,), 3: (64,)}
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
 def nqn(value: str) -> str:
     """An NVMe Qualified Name per the NVMe base spec (section 4.7): `nqn.yyyy-mm.reverse-domain[:suffix]`."""
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
+    _text(value, "an NQN")
     if len(value.encode()) > NQN_MAX_BYTES:
         raise ValueError(f"is {len(value.encode())} bytes long; an NQN has at most {NQN_MAX_BYTES}")
     if value == DISCOVERY_NQN:
         return value
     if value.startswith(_UUID_NQN_PREFIX):
+        tail = value.removeprefix(_UUID_NQN_PREFIX)
         try:
-            uuid.UUID(value.removeprefix(_UUID_NQN_PREFIX))
+            canonical = str(uuid.UUID(tail))
         except ValueError:
-            raise ValueError(f"{value!r} has the uuid form but no valid UUID after it") from None
+            canonical = None
+        # uuid.UUID also takes {braces}, urn:uuid: and bare hex: the NVMe spec's form is 8-4-4-4-12 only
+        if canonical != tail.lower():
+            raise ValueError(f"{value!r} has the uuid form but no UUID (8-4-4-4-12 hex digits) after it")
         return value
-    match = _NQN_RE.match(value)
+    match = _NQN_RE.fullmatch(value)
     if match is None or "\x00" in value or not value.isprintable():
         raise ValueError(f"{value!r} is not an NQN (expected nqn.yyyy-mm.reverse.domain[:name])")
     month = int(match.group(2))
@@ -46,13 +50,28 @@ def nqn(value: str) -> str:
     return value
 
 
+def _text(value: object, what: str) -> str:
+    """Input arrives from JSON: refuse other types, and lone surrogates (valid JSON, not encodable) with a clear
+    message instead of a TypeError or a codec error from deeper down."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{value!r} is not valid text for {what} (lone UTF-16 surrogate)") from None
+    return value
+
+
 def safe_name(value: str, what: str = "name", max_len: int = 64) -> str:
-    """A name that will become one path component: letters, digits and `._:-`, not starting with a dot or dash."""
+    """A name that will become one path component: letters, digits and `._:-`, not starting with a dot or dash.
+
+    `..` is refused anywhere, not only as a whole component: a name is also joined into paths and argv by tools
+    that are not ours, and one simple rule is easier to state and to check than "harmless here"."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
     if len(value) > max_len:
         raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters; at most {max_len}")
-    if not _SAFE_NAME_RE.match(value):
+    if not _SAFE_NAME_RE.fullmatch(value) or ".." in value:
         raise ValueError(f"{what} {value!r} may only use letters, digits and . _ : - and must start with a "
                          "letter or digit (no '/', '..', spaces or NUL)")
     return value
@@ -60,6 +79,8 @@ def safe_name(value: str, what: str = "name", max_len: int = 64) -> str:
 
 def uuid_str(value: str) -> str:
     """A UUID in the kernel's readback form (lower-case, hyphenated), so comparisons with configfs are exact."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a UUID")
     try:
         return str(uuid.UUID(str(value)))
     except ValueError:
@@ -77,20 +98,23 @@ def ip_for_family(traddr: str, adrfam: str) -> str:
 
 
 def fc_addr(traddr: str) -> str:
-    if not _FC_ADDR_RE.match(traddr):
+    if not _FC_ADDR_RE.fullmatch(traddr):
         raise ValueError(f"{traddr!r} is not an FC address (nn-0x<16 hex>:pn-0x<16 hex>)")
     return traddr
 
 
 def tcp_port(trsvcid: str) -> str:
-    if not trsvcid.isdigit() or not 1 <= int(trsvcid) <= 65535:
+    # ASCII only: str.isdigit() is also true for Arabic-Indic and superscript digits
+    if not isinstance(trsvcid, str) or not (trsvcid.isascii() and trsvcid.isdigit()) or not 1 <= int(trsvcid) <= 65535:
         raise ValueError(f"{trsvcid!r} is not a port number 1-65535")
     return str(int(trsvcid))
 
 
 def dhchap_key(value: str) -> str:
     """A DH-HMAC-CHAP secret in the NVMe representation `DHHC-1:0x:<base64 key+crc32>:` with a valid CRC."""
-    match = _DHCHAP_RE.match(value)
+    if not isinstance(value, str):
+        raise ValueError("is not a DH-CHAP secret (not a string)")
+    match = _DHCHAP_RE.fullmatch(value)
     if match is None:
         raise ValueError("is not a DH-CHAP secret (expected DHHC-1:0[0-3]:<base64>:)")
     hmac_id = int(match.group(1))
@@ -116,6 +140,7 @@ def make_dhchap_key(secret: bytes, hmac_id: int = 1) -> str:
 
 def device_path(value: str) -> str:
     """An absolute path with no `..` component: what a namespace or passthru opens in the kernel."""
+    _text(value, "a device path")
     if not value.startswith("/") or "\x00" in value or any(p == ".." for p in value.split("/")):
         raise ValueError(f"{value!r} must be an absolute path without '..' components")
     if len(value) > 4095:

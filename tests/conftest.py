@@ -11,8 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from target.configfs import NVMET_ROOT, ConfigFS
+
+# Property tests judge outcomes, never speed: no per-example deadline (a loaded 2-core host or a TCG guest makes a
+# 1 ms example take 500 ms), and a fixed derivation of examples so a red run can be replayed.
+settings.register_profile("nvmetd", deadline=None, derandomize=True)
+settings.load_profile("nvmetd")
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

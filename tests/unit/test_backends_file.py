@@ -230,3 +230,33 @@ def test_unknown_kind_and_duplicate_pool(tmp_path: Path) -> None:
     create_pool("file", "x", [str(tmp_path / "d")], root=tmp_path)
     with pytest.raises(BackendError, match="exists already"):
         create_pool("file", "x", [str(tmp_path / "d")], root=tmp_path)
+
+
+def test_sizes_beyond_one_exbibyte_are_refused(pool: FileBackend) -> None:
+    """Found by the API fuzzer: a resize to 2^62 bytes died in ftruncate with OverflowError (a 500)."""
+    with pytest.raises(BackendError, match="1 EiB"):
+        pool.create("huge", (1 << 60) + MIB)
+    pool.create("v", "4M")
+    with pytest.raises(BackendError, match="1 EiB"):
+        pool.grow("v", 1 << 62)
+
+
+def test_a_grow_the_filesystem_refuses_leaves_the_volume_usable(pool: FileBackend,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed grow (EFBIG: ext4 stops at 16 TiB) is a BackendError, and its intent does not stay behind to block
+    the volume until a restart (and be retried, and fail, at every recovery)."""
+    import errno
+
+    pool.create("v", "4M")
+
+    def efbig(fd: int, size: int) -> None:
+        raise OSError(errno.EFBIG, "File too large")
+
+    with monkeypatch.context() as m:
+        m.setattr("backends.file.os.ftruncate", efbig)
+        with pytest.raises(BackendError, match="File too large"):
+            pool.grow("v", "8G")
+    assert pool.info("v").logical_bytes == 4 * MIB
+    assert pool.ledger.load()["intents"] == {}
+    pool.grow("v", "8M")
+    assert pool.info("v").logical_bytes == 8 * MIB

@@ -4,51 +4,15 @@ the kernel's own behaviour is proven by tests/kernel."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from target.apply import apply_state, diff
-from target.configfs import ConfigFS
 from target.model import parse_state
+from tests.unit.fakes import FakeFS, FakeKernel
 
 SUB = "nqn.2026-11.io.nvmetd:disk"
 HOST = "nqn.2026-11.io.nvmetd:host"
-
-
-class FakeKernel:
-    """Creates the attribute files the kernel would create on mkdir, so the planner sees a realistic tree."""
-
-    FILES: ClassVar[dict[str, dict[str, str]]] = {
-        "hosts": {"dhchap_key": "", "dhchap_ctrl_key": "", "dhchap_hash": "hmac(sha256)", "dhchap_dhgroup": "null"},
-        "subsystems": {"attr_allow_any_host": "0", "attr_serial": "abc", "attr_model": "Linux",
-                       "attr_qid_max": "128"},
-        "namespaces": {"device_path": "(null)", "enable": "0", "buffered_io": "0", "ana_grpid": "1",
-                       "device_uuid": "00000000-0000-0000-0000-000000000001"},
-        "ports": {"addr_trtype": "", "addr_adrfam": "", "addr_traddr": "", "addr_trsvcid": "",
-                  "addr_treq": "not specified"},
-    }
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        for d in ("hosts", "subsystems", "ports"):
-            (root / d).mkdir(parents=True)
-        (root / "discovery_nqn").write_text("nqn.2014-08.org.nvmexpress.discovery\n")
-
-
-class FakeFS(ConfigFS):
-    def mkdir(self, rel: str) -> None:
-        super().mkdir(rel)
-        kind = Path(rel).parent.name
-        path = Path(self.path(rel))
-        for name, value in FakeKernel.FILES.get(kind, {}).items():
-            (path / name).write_text(value + "\n")
-        if kind == "subsystems":
-            for sub in ("namespaces", "allowed_hosts", "passthru"):
-                (path / sub).mkdir()
-        if kind == "ports":
-            for sub in ("subsystems", "referrals", "ana_groups/1"):
-                (path / sub).mkdir(parents=True)
 
 
 @pytest.fixture

@@ -59,3 +59,22 @@ def test_cli_refuses_reserved_vm_names(fake: FakeFS, tmp_path: Path) -> None:
     src = tmp_path / "s.json"
     src.write_text(json.dumps({"subsystems": [{"nqn": "nqn.2026-11.io.nvmetd:vm:1234", "allow_any_host": True}]}))
     assert main(["--state", str(tmp_path / "st.json"), "--configfs", str(fake.root), "apply", str(src)]) == 2
+
+
+def test_status_with_vms_on_an_unknown_pools_root_is_one_line(tmp_path, capsys) -> None:
+    """A VM's disk lives in a pool nvmetctl cannot find (its --pools-root / NVMETD_BACKENDS_DIR not given): one
+    line naming the pool and exit 2, not a NotFoundError traceback."""
+    import json as _json
+
+    from nvmetd.vms import Attachment, new_vm
+
+    vm = new_vm("vm0")
+    vm.attachments["d0"] = Attachment(nsid=1, transport="tcp")
+    state = tmp_path / "state.json"
+    state.write_text(_json.dumps({"format": 1, "generation": 1, "target": {}, "vms": {"vm0": vm.model_dump()},
+                                  "disks": {"d0": {"pool": "files", "state": "ready"}}}))
+    (tmp_path / "nvmet").mkdir()
+    code = main(["--state", str(state), "--configfs", str(tmp_path / "nvmet"), "--pools-root",
+                 str(tmp_path / "pools"), "status"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no pool named 'files'" in err and "Traceback" not in err and err.count("\n") == 1
