@@ -18,10 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..client import EngineClient
+from ..client import EngineClient, Stats
 from ..qemu_args import qemu_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,17 +148,6 @@ def build_initramfs(dest_dir: Path, with_fio: bool = False) -> Path:
 
 
 # ---- the engine as its own process ------------------------------------------------------------------------
-@dataclass
-class EngineStats:
-    cqes: int
-    signals: int
-    kicks: int
-    sleeps: int
-    polls: int
-    invalid_doorbells: int
-    poll_window_ns: int = 0  # 0 from engines that predate the adaptive window
-
-
 class EngineProcess:
     """``python -m vhost_nvme.engine`` on a socket; restartable (same socket, same namespaces)."""
 
@@ -210,8 +198,8 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def stats(self) -> EngineStats:
-        return EngineStats(**EngineClient(self.sock).stats().__dict__)
+    def stats(self) -> Stats:
+        return EngineClient(self.sock).stats()
 
     def attach(self, nsid: int, path: Path, name: str = "") -> None:
         """NS_ATTACH through the protocol, as the management plane does (backing fd by SCM_RIGHTS)."""
