@@ -171,33 +171,15 @@ def create_app(manager: Manager) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_message(exc))
 
-    @app.exception_handler(UserError)
-    async def _user(_: Request, exc: UserError) -> JSONResponse:
-        return _error(400, str(exc))
+    # Refusals by kind: Starlette picks the handler of the most specific class (MRO), so Unsupported (a
+    # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
+    refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
+                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409}
+    for kind, status in refusals.items():
+        async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return _error(status, str(exc))
 
-    @app.exception_handler(StateError)
-    async def _state(_: Request, exc: StateError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(ValueError)
-    async def _value(_: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(Unsupported)
-    async def _unsupported(_: Request, exc: Unsupported) -> JSONResponse:
-        return _error(409, str(exc))
-
-    @app.exception_handler(SystemProblem)
-    async def _system(_: Request, exc: SystemProblem) -> JSONResponse:
-        return _error(503, str(exc))
-
-    @app.exception_handler(NotFoundError)
-    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(BackendError)
-    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
-        return _error(409, str(exc))
+        app.add_exception_handler(kind, _refuse)
 
     @app.middleware("http")
     async def _internal(request: Request, call_next: Any) -> Any:
