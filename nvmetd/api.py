@@ -192,6 +192,16 @@ def create_app(manager: Manager) -> FastAPI:
             log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
             return _error(500, f"internal error: {type(exc).__name__} (details in the nvmetd log)")
 
+    @app.middleware("http")
+    async def _whole_segments(request: Request, call_next: Any) -> Any:
+        """Routing matches the decoded path, where an encoded `/` (or `\\`) inside a name would split it into
+        segments of another route (`victim%2Fresize`). No name may hold either, so such a request is refused
+        before routing, whichever client sent it."""
+        raw = request.scope.get("raw_path") or b""
+        if b"%2f" in raw.lower() or b"%5c" in raw.lower():
+            return _error(400, "a name in the request path contains '/' or '\\'")
+        return await call_next(request)
+
     @router.get("/v1/status")
     async def status() -> dict[str, Any]:
         return await run_in_threadpool(manager.status)

@@ -36,8 +36,11 @@ class Context:
         self.as_json = as_json
         self.socket = socket
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One request to the nvmetd service; its errors come back as one line with the right exit code."""
+    def call(self, method: str, path: tuple[str, ...], body: dict[str, Any] | None = None) -> Any:
+        """One request to the nvmetd service; its errors come back as one line with the right exit code.
+
+        `path` is a tuple of segments, user names among them: each is percent-encoded whole (see _api_path), so a
+        name can never add a segment, a query or a fragment, nor be resolved away as `..` by the client."""
         import httpx
 
         if not self.socket.exists():
@@ -45,7 +48,8 @@ class Context:
                                    "`systemctl start nvmetd` or `nvmetd`", EXIT_SYSTEM))
         try:
             with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=600) as client:
-                resp = client.request(method, f"http://nvmetd{path}", json=body)
+                resp = client.request(method, httpx.URL("http://nvmetd").copy_with(raw_path=_api_path(path)),
+                                      json=body)
         except httpx.HTTPError as exc:
             raise SystemExit(_fail(f"cannot reach nvmetd at {self.socket}: {exc}", EXIT_SYSTEM)) from None
         data = resp.json() if resp.content else None
@@ -78,6 +82,15 @@ class Context:
 
     def emit(self, data: Any, text: str) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text)
+
+
+def _api_path(segments: tuple[str, ...]) -> bytes:
+    """The request's raw path. `quote(safe="")` encodes `/ ? # %` and every control or non-ASCII character; the
+    dots of a `.` or `..` segment are encoded too, since RFC 3986 clients remove dot segments before sending."""
+    from urllib.parse import quote
+
+    parts = [quote(seg, safe="") for seg in segments]
+    return ("/" + "/".join(p.replace(".", "%2E") if p in (".", "..") else p for p in parts)).encode("ascii")
 
 
 def _fail(message: str, code: int) -> int:
@@ -276,7 +289,7 @@ def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory: the output has the engine socket and the QEMU arguments."""
-    result = obj.call("PUT", f"/v1/vms/{vm}/disks/{disk}",
+    result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
                       {"transport": transport, "vm_uuid": vm_uuid, "memory": memory})
     if qmp_socket and result["transport"] == "vhost":
         from nvmetd import qmp
@@ -309,7 +322,7 @@ def detach(obj: Context, vm: str, disk: str, qmp_socket: str | None) -> None:
     if qmp_socket:
         from nvmetd import qmp
 
-        disks = obj.call("GET", f"/v1/vms/{vm}")["disks"]
+        disks = obj.call("GET", ("v1", "vms", vm))["disks"]
         transport = disks.get(disk, {}).get("transport")
         try:
             if transport != "vhost":
@@ -318,7 +331,7 @@ def detach(obj: Context, vm: str, disk: str, qmp_socket: str | None) -> None:
                 qmp.unplug_vhost(qmp_socket, vhost_device_id(vm))  # its last vhost disk: the controller goes
         except qmp.QmpError as exc:
             raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
-    result = obj.call("DELETE", f"/v1/vms/{vm}/disks/{disk}")
+    result = obj.call("DELETE", ("v1", "vms", vm, "disks", disk))
     obj.emit(result, _kv(result))
 
 
@@ -338,7 +351,7 @@ def disk() -> None:
 @click.pass_obj
 def disk_create(obj: Context, name: str, pool: str, size: str, tenant: str, thick: bool, encrypted: bool,
                 compression: str) -> None:
-    result = obj.call("POST", "/v1/disks", {"name": name, "pool": pool, "size": size, "tenant": tenant,
+    result = obj.call("POST", ("v1", "disks"), {"name": name, "pool": pool, "size": size, "tenant": tenant,
                                             "thin": not thick, "encrypted": encrypted, "compression": compression})
     obj.emit(result, _kv(result))
 
@@ -348,7 +361,7 @@ def disk_create(obj: Context, name: str, pool: str, size: str, tenant: str, thic
 @click.pass_obj
 def disk_delete(obj: Context, name: str) -> None:
     """Delete a disk and destroy its data."""
-    obj.emit(obj.call("DELETE", f"/v1/disks/{name}"), f"deleted {name}")
+    obj.emit(obj.call("DELETE", ("v1", "disks", name)), f"deleted {name}")
 
 
 @disk.command("resize")
@@ -357,7 +370,7 @@ def disk_delete(obj: Context, name: str) -> None:
 @click.option("--force", is_flag=True, help="allow shrinking (destroys data past the new end)")
 @click.pass_obj
 def disk_resize(obj: Context, name: str, size: str, force: bool) -> None:
-    result = obj.call("POST", f"/v1/disks/{name}/resize", {"size": size, "force": force})
+    result = obj.call("POST", ("v1", "disks", name, "resize"), {"size": size, "force": force})
     obj.emit(result, _kv(result))
 
 
@@ -366,7 +379,7 @@ def disk_resize(obj: Context, name: str, size: str, force: bool) -> None:
 @click.argument("snapshot")
 @click.pass_obj
 def disk_snapshot(obj: Context, name: str, snapshot: str) -> None:
-    result = obj.call("POST", f"/v1/disks/{name}/snapshots", {"snapshot": snapshot})
+    result = obj.call("POST", ("v1", "disks", name, "snapshots"), {"snapshot": snapshot})
     obj.emit(result, _kv(result))
 
 
@@ -376,14 +389,14 @@ def disk_snapshot(obj: Context, name: str, snapshot: str) -> None:
 @click.argument("new_name")
 @click.pass_obj
 def disk_clone(obj: Context, name: str, snapshot: str, new_name: str) -> None:
-    result = obj.call("POST", f"/v1/disks/{name}/clones", {"snapshot": snapshot, "name": new_name})
+    result = obj.call("POST", ("v1", "disks", name, "clones"), {"snapshot": snapshot, "name": new_name})
     obj.emit(result, _kv(result))
 
 
 @disk.command("list")
 @click.pass_obj
 def disk_list(obj: Context) -> None:
-    disks = obj.call("GET", "/v1/disks")
+    disks = obj.call("GET", ("v1", "disks"))
     rows = [f"{d['name']:24} {d['pool']:12} {d.get('logical_bytes', '?'):>14} {','.join(d['attached_to']) or '-'}"
             for d in disks]
     obj.emit(disks, "\n".join([f"{'NAME':24} {'POOL':12} {'SIZE':>14} ATTACHED TO", *rows]))
@@ -393,7 +406,7 @@ def disk_list(obj: Context) -> None:
 @click.argument("name")
 @click.pass_obj
 def disk_show(obj: Context, name: str) -> None:
-    result = obj.call("GET", f"/v1/disks/{name}")
+    result = obj.call("GET", ("v1", "disks", name))
     obj.emit(result, _kv(result))
 
 
@@ -405,7 +418,7 @@ def vm() -> None:
 @vm.command("list")
 @click.pass_obj
 def vm_list(obj: Context) -> None:
-    vms = obj.call("GET", "/v1/vms")
+    vms = obj.call("GET", ("v1", "vms"))
     obj.emit(vms, "\n".join(f"{v['name']:24} {v['uuid']} {len(v['disks'])} disk(s)" for v in vms) or "no VMs")
 
 
@@ -413,7 +426,7 @@ def vm_list(obj: Context) -> None:
 @click.argument("name")
 @click.pass_obj
 def vm_show(obj: Context, name: str) -> None:
-    result = obj.call("GET", f"/v1/vms/{name}")
+    result = obj.call("GET", ("v1", "vms", name))
     obj.emit(result, json.dumps(result, indent=2))
 
 

@@ -204,5 +204,6 @@ def test_a_trailing_slash_is_not_redirected_to_another_name(world: World, client
     world.manager.attach("vm-slash", "t-slash", "tcp")
     for method in ("GET", "DELETE"):
         resp = client.request(method, path, follow_redirects=False)
-        assert resp.status_code == 404 and "location" not in resp.headers
+        # 404: no such route; 400: an encoded '/' is refused before routing
+        assert resp.status_code == (400 if "%2F" in path else 404) and "location" not in resp.headers
     assert client.get("/v1/disks/t-slash").status_code == 200
