@@ -122,6 +122,8 @@ class AttachRequest(_Request):
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
                                "include the shared memory backend vhost-user needs")
+    tls: bool = Field(default=False, description="tcp: export on the TLS port (TLS 1.3 PSK required); the answer "
+                      "names the PSK file, never the key")
 
 
 class ErrorBody(BaseModel):
@@ -246,12 +248,18 @@ def create_app(manager: Manager) -> FastAPI:
 
     @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
-        result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory)
+        result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory,
+                                         req.tls)
         return result.to_dict()
 
     @router.delete("/v1/vms/{vm}/disks/{disk}")
     async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
+
+    @router.post("/v1/vms/{vm}/tls-key")
+    async def rotate_tls_key(vm: VmPath) -> dict[str, Any]:
+        """A new TLS PSK for the VM (rotation): sessions up keep running, new connections need the new key."""
+        return await run_in_threadpool(manager.rotate_tls_key, vm)
 
     @router.post("/v1/reconcile")
     async def reconcile() -> dict[str, Any]:

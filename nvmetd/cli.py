@@ -282,15 +282,17 @@ def _kv(data: dict[str, Any]) -> str:
 @click.option("--qmp-bus", help="with --qmp: the PCIe root port to plug into (a q35 root bus is not hot-pluggable)")
 @click.option("--memory", help="vhost: the VM's RAM size (512M, 4G), to include the shared memory backend "
               "in the QEMU arguments")
+@click.option("--tls", is_flag=True, help="tcp: export on the TLS port (TLS 1.3 PSK required, DH-CHAP as well); "
+              "the answer names the PSK file for the host")
 @click.pass_obj
 def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None,
-           qmp_bus: str | None, memory: str | None) -> None:
+           qmp_bus: str | None, memory: str | None, tls: bool) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory: the output has the engine socket and the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
-                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory})
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "tls": tls})
     if qmp_socket and result["transport"] == "vhost":
         from nvmetd import qmp
 
@@ -428,6 +430,15 @@ def vm_list(obj: Context) -> None:
 def vm_show(obj: Context, name: str) -> None:
     result = obj.call("GET", ("v1", "vms", name))
     obj.emit(result, json.dumps(result, indent=2))
+
+
+@vm.command("rotate-psk")
+@click.argument("name")
+@click.pass_obj
+def vm_rotate_psk(obj: Context, name: str) -> None:
+    """A new TLS PSK for VM NAME (connected hosts stay up; new connections need the new key file)."""
+    result = obj.call("POST", ("v1", "vms", name, "tls-key"))
+    obj.emit(result, _kv(result))
 
 
 def _mount_bench() -> None:

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from nvmetd import initiator
+from nvmetd import tls as tls_psk
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.qmp import node_name as qmp_node_name
+from nvmetd.tls_keys import TlsKeys
+from nvmetd.tls_keys import key_file as tls_key_file
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
 from target import validate
@@ -53,6 +56,9 @@ class AttachResult:
     qemu_args: list[str]
     vhost_socket: str | None = None
     notes: list[str] | None = None
+    tls: bool = False
+    tls_key_file: str | None = None  # the PSK (interchange format) for the host side; the answer never holds it
+    tls_identity: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -72,6 +78,7 @@ class Manager:
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
+        self.tls_keys = TlsKeys(keys_dir)
 
     # ------------------------------------------------------------------ state document
     @staticmethod
@@ -124,6 +131,7 @@ class Manager:
                 result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
             else:
                 load_modules(state)
+                self.tls_keys.sync(self._vms(doc))  # keys before the TLS port admits anyone
                 result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
             self._release_detached(doc)
@@ -268,8 +276,10 @@ class Manager:
                         "QEMU has the vhost-user-nvme device from qemu_patches/)")
 
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None) -> AttachResult:
+               memory: str | None = None, tls: bool = False) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
+        if tls and transport != "tcp":
+            raise UserError("tls: TLS is for --transport tcp")
         if memory is not None:
             validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
@@ -277,6 +287,8 @@ class Manager:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, disk)
                 self._check_transport(chosen, doc)
+                if tls:
+                    self._check_tls()
                 vms = doc.setdefault("vms", {})
                 vm = Vm.model_validate(vms[vm_name]) if vm_name in vms else new_vm(vm_name, vm_uuid)
                 if vm_uuid and vm.uuid != validate.uuid_str(vm_uuid):
@@ -288,12 +300,18 @@ class Manager:
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
                                     "detach it first to change the transport")
+                if current is not None and current.tls != tls:
+                    how = "with" if current.tls else "without"
+                    raise UserError(f"tls: disk {disk!r} is attached to {vm_name!r} {how} TLS; "
+                                    "detach it first to change that")
+                if tls and vm.tls_psk is None:
+                    vm.tls_psk = tls_psk.generate_psk()
                 if current is None:
                     nsid = vm.next_nsid()
                     if chosen == "vhost" and nsid > MAX_VHOST_NSID:
                         raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
-                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen)
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, tls=tls)
                 vms[vm_name] = vm.model_dump()
             result = self.reconcile()
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
@@ -310,6 +328,15 @@ class Manager:
         if transport == "rdma" and not self._ports(doc).rdma_address:
             raise Unsupported("no RDMA address is configured: set ports.rdma_address in nvmetd.toml (an address "
                               "on an RDMA-capable interface, e.g. rdma_rxe), then reload nvmetd")
+
+    @staticmethod
+    def _check_tls() -> None:
+        """Refused before it is stored, as for rdma: a stored TLS attachment on a kernel without the .nvme
+        keyring would fail every later reconcile."""
+        try:
+            tls_psk.keyring_serial()
+        except SystemProblem as exc:
+            raise Unsupported(f"tls: {exc}") from None
 
     def _key_file(self, vm: Vm) -> Path:
         self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -331,6 +358,8 @@ class Manager:
         ports = self._ports(doc)
         traddr = {"tcp": ports.tcp_address, "rdma": ports.rdma_address or ""}.get(att.transport, "")
         trsvcid = {"tcp": ports.tcp_port, "rdma": ports.rdma_port}.get(att.transport, "")
+        if att.tls:
+            traddr, trsvcid = ports.tls_address or ports.tcp_address, ports.tls_port
         key_file = self._key_file(vm)
         device = None
         qemu: list[str] = []
@@ -340,8 +369,32 @@ class Manager:
             node = qmp_node_name(disk)
             qemu = ["-blockdev", f"driver=host_device,filename={device},node-name={node},cache.direct=on,aio=native",
                     "-device", f"virtio-blk-pci,drive={node},id={node}"]
-        return AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
-                            str(key_file), device, qemu)
+        result = AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
+                              str(key_file), device, qemu)
+        if att.tls:
+            result.tls, result.tls_identity = True, tls_psk.identity(vm.hostnqn, vm.subnqn)
+            result.tls_key_file = str(tls_key_file(self.keys_dir, vm))
+            result.notes = ["the port requires TLS 1.3 with this PSK and DH-CHAP with dhchap_key_file: put the PSK "
+                            "into the host's .nvme keyring (nvme tls-key --import, or nvme connect --tls "
+                            "--tls-key) and run tlshd there"]
+        return result
+
+    def rotate_tls_key(self, vm_name: str) -> dict[str, Any]:
+        """A new PSK for the VM: the keyring and key file get it at once; sessions already up keep running
+        (TLS has negotiated its keys), the next connection needs the new PSK."""
+        with self.lock:
+            with self.store.transaction() as doc:
+                vms = doc.get("vms", {})
+                if vm_name not in vms:
+                    raise UserError(f"vm: no VM named {vm_name!r}")
+                vm = Vm.model_validate(vms[vm_name])
+                if not any(a.tls for a in vm.attachments.values()):
+                    raise UserError(f"vm: VM {vm_name!r} has no disk attached with TLS")
+                vm.tls_psk = tls_psk.generate_psk()
+                vms[vm_name] = vm.model_dump()
+            result = self.reconcile()
+            return {"vm": vm_name, "tls_key_file": str(tls_key_file(self.keys_dir, vm)),
+                    "tls_identity": tls_psk.identity(vm.hostnqn, vm.subnqn), "converged": result.converged}
 
     def _vhost_result(self, vm: Vm, disk: str, att: Attachment, why: str, memory: str | None) -> AttachResult:
         """All vhost disks of a VM are namespaces of one controller: the QEMU arguments are the same for each,
@@ -396,6 +449,8 @@ class Manager:
         vm = vms[name]
         info = {"name": vm.name, "uuid": vm.uuid, "host_nqn": vm.hostnqn, "subsystem_nqn": vm.subnqn,
                 "disks": {d: a.model_dump() for d, a in sorted(vm.attachments.items())}}
+        if any(a.tls for a in vm.attachments.values()):
+            info["tls_key_file"] = str(tls_key_file(self.keys_dir, vm))
         if any(a.transport == "vhost" for a in vm.attachments.values()):
             info["vhost_socket"] = str(self.vhost.socket_path(vm))
         return info

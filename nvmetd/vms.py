@@ -41,6 +41,7 @@ class Attachment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     nsid: int = Field(ge=1, le=1024)
     transport: Transport
+    tls: bool = False  # tcp only: exported on the TLS port (treq required, tsas tls1.3)
 
 
 class Vm(BaseModel):
@@ -48,12 +49,17 @@ class Vm(BaseModel):
     name: str
     uuid: str
     dhchap_key: str
+    tls_psk: str | None = None  # interchange format; minted at the first TLS attach, replaced by rotation
     attachments: dict[str, Attachment] = Field(default_factory=dict)  # disk name -> attachment
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return validate.safe_name(value, "VM name")
+
+    def __repr_args__(self):  # keep secrets out of reprs and logs
+        for name, value in super().__repr_args__():
+            yield name, ("<secret>" if name in ("dhchap_key", "tls_psk") and value else value)
 
     @field_validator("uuid")
     @classmethod
@@ -90,8 +96,16 @@ class Ports(BaseModel):
     rdma_id: int = 4422
     rdma_address: str | None = None
     rdma_port: str = "4420"
+    # TLS needs a port of its own: treq/tsas are per port, and plain-TCP VMs must keep working
+    tls_id: int = 4423
+    tls_address: str | None = None  # default: tcp_address
+    tls_port: str = "4430"
 
     def port(self, transport: str, subsystems: list[str]) -> Port:
+        if transport == "tls":
+            address = self.tls_address or self.tcp_address
+            return Port(id=self.tls_id, trtype="tcp", adrfam="ipv6" if ":" in address else "ipv4", traddr=address,
+                        trsvcid=self.tls_port, treq="required", tsas="tls1.3", subsystems=subsystems)
         if transport == "tcp":
             family = "ipv6" if ":" in self.tcp_address else "ipv4"
             return Port(id=self.tcp_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
@@ -111,7 +125,7 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     `devices` maps disk name -> the file or block device its namespace opens (from the backend).
     """
     data: dict[str, Any] = base.model_dump()
-    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": []}
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "tls": []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
         kernel = {disk: a for disk, a in vm.attachments.items() if a.transport in KERNEL_TRANSPORTS}
         if not kernel:
@@ -123,7 +137,7 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
         data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[vm.hostnqn], model="nvmetd virtual disk",
                                             serial=vm.uuid.replace("-", "")[:20],
                                             namespaces=namespaces).model_dump())
-        for transport in sorted({a.transport for a in kernel.values()}):
+        for transport in sorted({"tls" if a.tls else a.transport for a in kernel.values()}):
             exported[transport].append(vm.subnqn)
     for transport, subs in exported.items():
         if subs:
