@@ -126,6 +126,15 @@ class AttachRequest(_Request):
                       "names the PSK file, never the key")
 
 
+class LimitsRequest(_Request):
+    """Changes to a disk's I/O limits: a field left out keeps its value, 0 removes that limit."""
+
+    riops: int | None = Field(default=None, ge=0, le=10_000_000, description="read IOPS")
+    wiops: int | None = Field(default=None, ge=0, le=10_000_000, description="write IOPS")
+    rmbps: int | None = Field(default=None, ge=0, le=1_000_000, description="read MB/s (10^6 bytes)")
+    wmbps: int | None = Field(default=None, ge=0, le=1_000_000, description="write MB/s (10^6 bytes)")
+
+
 class ErrorBody(BaseModel):
     """Every refused request answers with one line naming what was wrong (never a traceback)."""
 
@@ -237,6 +246,10 @@ def create_app(manager: Manager) -> FastAPI:
     @router.post("/v1/disks/{name}/clones")
     async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:
         return await run_in_threadpool(manager.clone_disk, name, req.snapshot, req.name)
+
+    @router.put("/v1/disks/{name}/limits")
+    async def disk_limits(name: DiskPath, req: LimitsRequest) -> dict[str, Any]:
+        return await run_in_threadpool(manager.set_limits, name, req.model_dump())
 
     @router.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:

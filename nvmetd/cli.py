@@ -412,6 +412,19 @@ def disk_show(obj: Context, name: str) -> None:
     obj.emit(result, _kv(result))
 
 
+@disk.command("limits")
+@click.argument("name")
+@click.option("--riops", type=click.IntRange(min=0), help="read IOPS (0 removes the limit)")
+@click.option("--wiops", type=click.IntRange(min=0), help="write IOPS (0 removes the limit)")
+@click.option("--rmbps", type=click.IntRange(min=0), help="read MB/s, 10^6 bytes (0 removes the limit)")
+@click.option("--wmbps", type=click.IntRange(min=0), help="write MB/s, 10^6 bytes (0 removes the limit)")
+@click.pass_obj
+def disk_limits(obj: Context, name: str, **limits: int | None) -> None:
+    """Set I/O limits of disk NAME, enforced at once on the running disk (options not given are kept)."""
+    result = obj.call("PUT", ("v1", "disks", name, "limits"), limits)
+    obj.emit(result, _kv({"disk": name, **{k: v for k, v in result["limits"].items()}}) or "no limits")
+
+
 @cli.group()
 def vm() -> None:
     """List VMs and show their disks."""

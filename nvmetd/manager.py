@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmetd import initiator
+from nvmetd import initiator, throttle
 from nvmetd import tls as tls_psk
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.qmp import node_name as qmp_node_name
@@ -103,9 +103,11 @@ class Manager:
         """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
         devices: dict[str, str] = {}
         for vm in self._vms(doc).values():
-            for disk in vm.attachments:
+            for disk, att in vm.attachments.items():
                 if disk not in devices:
                     devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+                    if att.transport != "vhost" and "limits" in doc["disks"][disk]:
+                        devices[disk] = throttle.device_for(disk, devices[disk])  # its own throttled device
         return devices
 
     def effective(self, doc: dict[str, Any], devices: dict[str, str] | None = None) -> TargetState:
@@ -134,6 +136,9 @@ class Manager:
                 self.tls_keys.sync(self._vms(doc))  # keys before the TLS port admits anyone
                 result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
+            for disk, device in devices.items():
+                if device.startswith(f"/dev/mapper/{throttle.DM_PREFIX}"):
+                    throttle.apply(device, throttle.Limits.model_validate(doc["disks"][disk]["limits"]))
             self._release_detached(doc)
             self.last_result = result
             return result
@@ -143,6 +148,8 @@ class Manager:
         attached = {d for vm in self._vms(doc).values() for d in vm.attachments}
         for disk, entry in doc.get("disks", {}).items():
             if disk not in attached and entry.get("state", "ready") == "ready":
+                if "limits" in entry:
+                    throttle.release(disk)  # the throttled device sits on the volume: before closing it
                 pool = self._pool(entry["pool"])
                 if pool.info(disk).attached:
                     pool.detach(disk)
@@ -185,12 +192,29 @@ class Manager:
                 doc["disks"][name] = {"pool": pool, "state": "ready"}
             return self.disk_info(name)
 
+    def set_limits(self, name: str, changes: dict[str, int | None]) -> dict[str, Any]:
+        """Merge `changes` into the disk's limits (0 removes one); enforced at once, on the running disk."""
+        with self.lock:
+            with self.store.transaction() as doc:
+                self._disk_pool(doc, name)
+                try:
+                    throttle.check_available()
+                except SystemProblem as exc:
+                    raise Unsupported(str(exc)) from None
+                merged = {**doc["disks"][name].get("limits", {}),
+                          **{k: v for k, v in changes.items() if v is not None}}
+                limits = throttle.Limits.model_validate({k: v for k, v in merged.items() if v})
+                doc["disks"][name]["limits"] = limits.model_dump(exclude_none=True)
+            self.reconcile()
+            return self.disk_info(name)
+
     def disk_info(self, name: str) -> dict[str, Any]:
         doc = self.store.load()
         pool = self._disk_pool(doc, name)
         info = self._pool(pool).info(name)
         data = info.to_dict() if hasattr(info, "to_dict") else dict(info.__dict__)
         data["pool"] = pool
+        data["limits"] = doc["disks"][name].get("limits", {})
         data["attached_to"] = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
         return data
 
