@@ -129,10 +129,10 @@ class AttachRequest(_Request):
 class LimitsRequest(_Request):
     """Changes to a disk's I/O limits: a field left out keeps its value, 0 removes that limit."""
 
-    riops: int | None = Field(default=None, ge=0, le=10_000_000, description="read IOPS")
-    wiops: int | None = Field(default=None, ge=0, le=10_000_000, description="write IOPS")
-    rmbps: int | None = Field(default=None, ge=0, le=1_000_000, description="read MB/s (10^6 bytes)")
-    wmbps: int | None = Field(default=None, ge=0, le=1_000_000, description="write MB/s (10^6 bytes)")
+    riops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="read IOPS")
+    wiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="write IOPS")
+    rmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="read MB/s (10^6 bytes)")
+    wmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="write MB/s (10^6 bytes)")
 
 
 class ErrorBody(BaseModel):

@@ -55,7 +55,7 @@ def _run(argv: list[str]) -> str:
 
 def check_available() -> None:
     """Before a limit is stored: a stored limit this host cannot enforce would fail every later reconcile."""
-    if not Path("/dev/mapper/control").exists():
+    if "device-mapper" not in Path("/proc/misc").read_text():
         raise SystemProblem("limits: this kernel has no device-mapper (dm-mod), which kernel-target limits need")
     mount_blkio()
 
