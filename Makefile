@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
 
-.PHONY: setup demo test bench bench-vhost bench-target bench-backends bench-attach lint clean
+.PHONY: setup demo test bench bench-vhost bench-target bench-backends bench-attach bench-tls lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -32,6 +32,10 @@ bench-target: $(STAMP)
 
 bench-backends: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m backends.bench
+
+# NVMe/TCP with TLS 1.3 vs plain NVMe/TCP, same namespace, alternating rounds (nvmetd/bench_tls.py)
+bench-tls: $(STAMP)
+	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m nvmetd.bench_tls
 
 # attach-to-usable latency over loop (median of 50), then with 10, 100, 500 VMs already attached
 BENCH_ATTACH_ARGS ?=
