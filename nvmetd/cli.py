@@ -422,7 +422,7 @@ def disk_show(obj: Context, name: str) -> None:
 def disk_limits(obj: Context, name: str, **limits: int | None) -> None:
     """Set I/O limits of disk NAME, enforced at once on the running disk (options not given are kept)."""
     result = obj.call("PUT", ("v1", "disks", name, "limits"), limits)
-    obj.emit(result, _kv({"disk": name, **{k: v for k, v in result["limits"].items()}}) or "no limits")
+    obj.emit(result, _kv({"disk": name, **result["limits"]}) if result["limits"] else f"{name}: no limits")
 
 
 @cli.group()

@@ -85,6 +85,8 @@ def _keyutils() -> ctypes.CDLL:
     lib.keyctl_revoke.argtypes = [ctypes.c_int32]
     lib.keyctl_setperm.restype = ctypes.c_long
     lib.keyctl_setperm.argtypes = [ctypes.c_int32, ctypes.c_uint32]
+    lib.keyctl_link.restype = ctypes.c_long
+    lib.keyctl_link.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.find_key_by_type_and_desc.restype = ctypes.c_int32
     lib.find_key_by_type_and_desc.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32]
     return lib
@@ -95,12 +97,20 @@ def _errno() -> str:
 
 
 def keyring_serial(keyring: str = DEFAULT_KEYRING) -> int:
-    """The keyring's serial; `.nvme` comes with the nvme-keyring module (nvmet-tcp and nvme-tcp load it)."""
+    """The keyring's serial, linked into this process's session keyring (as libnvme does).
+
+    `.nvme` comes with the nvme-keyring module (nvmet-tcp and nvme-tcp load it). The link makes this process a
+    possessor of the keys in it: their possessor permissions are what allow replacing or revoking a key another
+    process (an earlier nvmetd) inserted; other users see no more than the key's description.
+    """
     if keyring == DEFAULT_KEYRING:
         subprocess.run(["modprobe", "-q", "nvme-keyring"], check=False, capture_output=True)
-    serial = _keyutils().find_key_by_type_and_desc(b"keyring", keyring.encode(), 0)
+    lib = _keyutils()
+    serial = lib.find_key_by_type_and_desc(b"keyring", keyring.encode(), 0)
     if serial <= 0:
         raise SystemProblem(f"no {keyring} keyring (CONFIG_NVME_KEYRING, modprobe nvme-keyring)")
+    if lib.keyctl_link(serial, KEY_SPEC_SESSION_KEYRING) < 0:
+        raise SystemProblem(f"cannot link the {keyring} keyring into the session keyring: {_errno()}")
     return int(serial)
 
 

@@ -25,7 +25,7 @@ def daemon(cfs: ConfigFS, scratch: Path):
     d = Daemon(scratch)
     (scratch / "nvmetd.toml").write_text("")
     pools.create_pool("file", "files", devices=[str(scratch / "files")], root=d.pools_root)
-    d.start()
+    d.start(deadline=900)  # a FastAPI start-up under TCG on a loaded 2-core host
     yield d
     d.stop()
     subprocess.run(["nvme", "disconnect-all"], check=False, capture_output=True)
@@ -92,7 +92,7 @@ def test_limits_on_a_running_disk(daemon: Daemon, cfs: ConfigFS) -> None:
     # limits survive an nvmetd restart: in the state, and re-applied to the kernel from it
     daemon.stop()
     (throttle.BLKIO_MOUNT / "blkio.throttle.write_iops_device").write_text(f"{throttle.majmin(mapper)} 0\n")
-    daemon.start()
+    daemon.start(deadline=900)
     assert daemon.ctl_json("disk", "show", "lim")["limits"] == {"wiops": wiops, "rmbps": 4, "wmbps": 3}
     assert throttle.current(mapper)["blkio.throttle.write_iops_device"] == wiops
 

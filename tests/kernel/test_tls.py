@@ -53,7 +53,7 @@ def daemon(cfs: ConfigFS, scratch: Path, tlshd: Path):
     d = Daemon(scratch)
     (scratch / "nvmetd.toml").write_text("")
     pools.create_pool("file", "files", devices=[str(scratch / "files")], root=d.pools_root)
-    d.start()
+    d.start(deadline=900)  # a FastAPI start-up under TCG on a loaded 2-core host
     yield d
     d.stop()
     subprocess.run(["nvme", "disconnect-all"], check=False, capture_output=True)
@@ -133,7 +133,7 @@ def test_tls_port_psk_dhchap_rotation_restart(daemon: Daemon, cfs: ConfigFS, tls
     # restart: the keyring is the kernel's; nvmetd puts the key back from its state
     daemon.stop()
     assert tls.revoke(att["host_nqn"], att["subsystem_nqn"])
-    daemon.start()
+    daemon.start(deadline=900)
     ctrl = _connect(att, dhchap, tls=True, keyring=ring2, tls_key=key2)
     fabrics.disconnect(ctrl.name)
 
