@@ -33,9 +33,9 @@ bench-target: $(STAMP)
 bench-backends: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m bench.backend_io
 
-# NVMe/TCP with TLS 1.3 vs plain NVMe/TCP, same namespace, alternating rounds (nvmetd/bench_tls.py)
+# NVMe/TCP with TLS 1.3 vs plain NVMe/TCP, same namespace, alternating rounds (bench/tls.py)
 bench-tls: $(STAMP)
-	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m nvmetd.bench_tls
+	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m bench.tls
 
 # attach-to-usable latency over loop (median of 50), then with 10, 100, 500 VMs already attached
 BENCH_ATTACH_ARGS ?=

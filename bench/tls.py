@@ -6,7 +6,7 @@ QD32 and 128k sequential read on each device, alternating plain/TLS round by rou
 per job the median of the rounds. CPU per I/O is the whole machine's busy time over fio's run divided by its I/Os
 (the target's and tlshd's work are in kernel threads, not in fio's own usr/sys).
 
-    python -m rig -- .venv/bin/python -m nvmetd.bench_tls [--runtime 10] [--rounds 3] [--json]
+    python -m rig -- .venv/bin/python -m bench.tls [--runtime 10] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nvmetd import fabrics, tls
-from nvmetd.bench.cpu import read_cpu_times
+from bench.matrix.cpu import read_cpu_times
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import Host, Namespace, Port, Subsystem, TargetState
@@ -67,7 +67,7 @@ def _fio(device: str, args: list[str], runtime: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nvmetd.bench_tls", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.split("\n")[0])
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain/TLS rounds per job")
     parser.add_argument("--json", action="store_true")
