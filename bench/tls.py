@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from nvmetd import fabrics, tls
 from bench.matrix.cpu import read_cpu_times
+from nvmetd import fabrics, tls
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import Host, Namespace, Port, Subsystem, TargetState
