@@ -53,7 +53,7 @@ def _device(ctrl: str, timeout: float = 30) -> str:
     raise SystemExit(f"bench_tls: no namespace appeared on {ctrl}")
 
 
-def _fio(device: str, args: list[str], runtime: int) -> dict[str, float]:
+def fio_read(device: str, args: list[str], runtime: int) -> dict[str, float]:
     before, start = read_cpu_times(), time.monotonic()
     proc = subprocess.run(["fio", "--name=j", f"--filename={device}", "--ioengine=libaio", "--direct=1",
                            "--time_based", f"--runtime={runtime}", "--numjobs=1", "--output-format=json", *args],
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, float]]] = {"tcp": [], "tcp+tls": []}
             for _ in range(args.rounds):
                 for kind, device in devices.items():
-                    runs[kind].append(_fio(device, fio_args, args.runtime))
+                    runs[kind].append(fio_read(device, fio_args, args.runtime))
             figures[job] = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in runs.items()}
         report = {"runtime_s": args.runtime, "rounds": args.rounds, "jobs": figures,
                   "ratios_tls_over_tcp": {job: {k: f["tcp+tls"][k] / f["tcp"][k] if f["tcp"][k] else None
