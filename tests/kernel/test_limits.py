@@ -106,7 +106,7 @@ def test_limits_on_a_running_disk(daemon: Daemon, cfs: ConfigFS) -> None:
     for body, field in (({"riops": -1}, "riops"), ({"wmbps": "lots"}, "wmbps"), ({"rmbps": 10**12}, "rmbps"),
                         ({"iops": 5}, "iops")):
         resp = daemon.request("PUT", "/v1/disks/lim/limits", body)
-        assert resp.status_code == 400 and field in resp.json()["error"], (body, resp.text)
+        assert resp.status_code == 422 and field in resp.json()["error"], (body, resp.text)
     resp = daemon.request("PUT", "/v1/disks/nope/limits", {"riops": 5})
     assert resp.status_code == 400 and "nope" in resp.json()["error"]
     for args in (["--riops", "-5"], ["--wiops", "ten"]):
