@@ -23,7 +23,7 @@ from target.apply import ApplyResult, apply_state
 from target.configfs import ConfigFS
 from target.features import load_modules
 from target.model import TargetState, parse_state
-from target.restore import restore
+from target.restore import SystemReadiness, restore
 from target.store import StateStore, set_target
 
 log = logging.getLogger("nvmetd.manager")
@@ -124,7 +124,10 @@ class Manager:
                 result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
             else:
                 load_modules(state)
-                result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
+                # outside boot too, a port whose address is not up (yet) is pending, not failed: the drift timer
+                # retries it
+                result = (restore(state, self.cfs, timeout=wait) if wait
+                          else apply_state(state, self.cfs, readiness=SystemReadiness()))
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
             self._release_detached(doc)
             self.last_result = result

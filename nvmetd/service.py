@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
+from nvmetd.readiness import ServiceReadiness
 from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
 from nvmetd.vms import Ports
 from target.configfs import NVMET_ROOT, ConfigFS
@@ -121,6 +122,7 @@ class Service:
         from sdnotify import SystemdNotifier
 
         self.notifier = SystemdNotifier()
+        self.readiness = ServiceReadiness(self.notifier.notify, f"serving on {args.socket}")
 
     def apply_config(self) -> None:
         self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
@@ -143,12 +145,15 @@ class Service:
         log.info("reloaded %s", self.args.config)
 
     def reconcile_loop(self) -> None:
-        """Boot restore first (waiting for late devices/addresses), then repair drift every interval."""
+        """Boot restore first (waiting for late devices/addresses), then repair drift every interval. nvmetd is
+        READY only once a restore or reconcile converged; until then STATUS= says what it is waiting for."""
         try:
             result = self.manager.boot(wait=self.args.restore_timeout)
             log.info("restore finished: converged=%s writes=%d", result.converged, result.writes)
-        except Exception:
+            self.readiness.converged(result, "restore")
+        except Exception as exc:
             log.exception("restore failed")
+            self.readiness.failed(f"restore failed: {exc}")
         while not self.stop.is_set():
             self.wake.wait(self.args.drift_interval)
             self.wake.clear()
@@ -161,8 +166,10 @@ class Service:
                 result = self.manager.reconcile()
                 if result.writes:
                     log.warning("repaired drift: %d configfs changes", result.writes)
-            except Exception:
+                self.readiness.converged(result, "reconcile")
+            except Exception as exc:
                 log.exception("reconcile failed")
+                self.readiness.failed(f"reconcile failed: {exc}")
 
     def watchdog_loop(self, reconciler: threading.Thread) -> None:
         """Ping at half the watchdog interval while the reconcile thread lives, so a dead loop gets us restarted."""
@@ -201,8 +208,8 @@ class Service:
         def ready() -> None:
             while not server.started and not self.stop.is_set():
                 time.sleep(0.05)
-            self.notifier.notify("READY=1\nSTATUS=serving on " + str(self.args.socket))
             log.info("serving on %s", self.args.socket)
+            self.readiness.serving()
 
         threading.Thread(target=ready, daemon=True).start()
         try:
