@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nvmetd import initiator
+from nvmetd.changelog import ChangeLog, recorded
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
@@ -72,6 +73,7 @@ class Manager:
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
+        self.changes = ChangeLog()  # the order changes took effect in (nvmetd --change-log)
 
     # ------------------------------------------------------------------ state document
     @staticmethod
@@ -153,6 +155,7 @@ class Manager:
             return self.reconcile()
 
     # ------------------------------------------------------------------ disks
+    @recorded("create")
     def create_disk(self, name: str, pool: str, size: int | str, tenant: str = "default", thin: bool = True,
                     encrypted: bool = False, compression: str = "off") -> dict[str, Any]:
         """Journal first ("creating"), then make the volume, then mark it ready: a crash in between is rolled
@@ -193,6 +196,7 @@ class Manager:
         disks = self.store.load().get("disks", {})
         return [self.disk_info(n) for n in sorted(disks) if disks[n].get("state", "ready") == "ready"]
 
+    @recorded("delete")
     def delete_disk(self, name: str) -> None:
         """Journal "deleting" first, so a crash mid-way finishes the delete at the next start."""
         with self.lock:
@@ -223,6 +227,7 @@ class Manager:
                 done.append(f"disk {name}: {'rolled back create' if state == 'creating' else 'finished delete'}")
         return done
 
+    @recorded("resize")
     def resize_disk(self, name: str, size: int | str, force: bool = False) -> dict[str, Any]:
         with self.lock:
             doc = self.store.load()
@@ -240,11 +245,13 @@ class Manager:
                 if self.cfs.has_attr(ns, "revalidate_size"):
                     self.cfs.write(ns, "revalidate_size", "1")
 
+    @recorded("snapshot")
     def snapshot_disk(self, name: str, snap: str) -> dict[str, Any]:
         with self.lock:
             self._pool(self._disk_pool(self.store.load(), name)).snapshot(name, snap)
             return self.disk_info(name)
 
+    @recorded("clone")
     def clone_disk(self, name: str, snap: str, new_name: str) -> dict[str, Any]:
         validate.safe_name(new_name, "disk name")
         with self.lock:
@@ -270,6 +277,7 @@ class Manager:
                         "(vhost-nvme is off: set `[vhost] auto = true` in nvmetd.toml when the hypervisor's "
                         "QEMU has the vhost-user-nvme device from qemu_patches/)")
 
+    @recorded("attach")
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
                memory: str | None = None) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
@@ -374,6 +382,7 @@ class Manager:
         conn = initiator.connect(vm.subnqn, vm.hostnqn, "loop", dhchap_key=vm.dhchap_key)
         return conn.controller
 
+    @recorded("detach")
     def detach(self, vm_name: str, disk: str) -> dict[str, Any]:
         with self.lock:
             with self.store.transaction() as doc:

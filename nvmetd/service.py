@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nvmetd.changelog import ChangeLog
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
 from nvmetd.readiness import ServiceReadiness
 from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
@@ -116,6 +117,7 @@ class Service:
                                vhost=VhostEngines(args.vhost_dir, poll_us=vhost.get("poll_us"),
                                                   socket_group=vhost.get("socket_group")),
                                vhost_auto=bool(vhost.get("auto", False)))
+        self.manager.changes = ChangeLog(args.change_log)
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.reload = threading.Event()
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait at start for late devices and addresses")
     parser.add_argument("--no-host-connect", action="store_true",
                         help="never connect loop attachments on this host (return parameters only)")
+    parser.add_argument("--change-log", type=Path, default=None,
+                        help="append each disk/VM call, in the order it took effect, to this JSON-lines file")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)

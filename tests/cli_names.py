@@ -29,8 +29,8 @@ from tests import api_fuzz
 
 N = "\0NAME\0"  # the placeholder a generated name replaces in a command template
 # Objects every example starts with (World.ensure): the names the tricks below aim at.
-DISKS = ("victim", "d1", "free")
-ATTACHED = {"vm1": "victim", "vm2": "d1"}
+DISKS = ("victim", "vd1", "free")
+ATTACHED = {"vma": "victim", "vmb": "vd1"}  # names no other fuzzer uses
 SNAPSHOT = "s0"  # of victim, for clone
 
 
@@ -53,9 +53,9 @@ COMMANDS = [
     Command(("disk", "snapshot", "--", "victim", N), "snapshot", fixed_disks=("victim",)),
     Command(("disk", "clone", "--", "victim", SNAPSHOT, N), "disk", fixed_disks=("victim",)),
     Command(("disk", "create", "--pool", "files", "--size", "4M", "--", N), "disk"),
-    Command(("attach", "--transport", "tcp", "--", "vm2", N), "disk", fixed_vms=("vm2",)),
+    Command(("attach", "--transport", "tcp", "--", "vmb", N), "disk", fixed_vms=("vmb",)),
     Command(("attach", "--transport", "tcp", "--", N, "free"), "vm", fixed_disks=("free",)),
-    Command(("detach", "--", "vm1", N), "disk", fixed_vms=("vm1",)),
+    Command(("detach", "--", "vma", N), "disk", fixed_vms=("vma",)),
     Command(("detach", "--", N, "victim"), "vm", fixed_disks=("victim",)),
     Command(("vm", "show", "--", N), "vm"),
 ]
@@ -75,7 +75,7 @@ def cli_names(draw: st.DrawFn) -> str:
         return draw(st.sampled_from([target + piece + tail, piece + target, target + piece]))
     if kind == "dots":
         return draw(st.sampled_from(["..", ".", f"nothere/../{target}", f"../../../disks/{target}", f"./{target}",
-                                     f"{target}/.", f"vm2/disks/{target}#", f"%2e%2e/{target}", f"{target}/..",
+                                     f"{target}/.", f"vmb/disks/{target}#", f"%2e%2e/{target}", f"{target}/..",
                                      f"../{target}", "...", f"{target}/../{target}"]))
     if kind == "evil":
         return draw(api_fuzz.invalid_names())
@@ -181,9 +181,9 @@ def acted_on(cmd: Command, name: str, before: Snapshot, after: Snapshot, data: A
         "disk snapshot victim": lambda: name in after.volumes["files/victim"]["snapshots"],
         "disk clone victim s0": lambda: name in disks_after and f"files/{name}" in after.volumes,
         "disk create files 4M": lambda: disks_after.get(name, {}).get("state", "ready") == "ready",
-        "attach tcp vm2": lambda: name in vms_after.get("vm2", {}).get("attachments", {}) and data["disk"] == name,
+        "attach tcp vmb": lambda: name in vms_after.get("vmb", {}).get("attachments", {}) and data["disk"] == name,
         "attach tcp free": lambda: "free" in vms_after.get(name, {}).get("attachments", {}) and data["vm"] == name,
-        "detach vm1": lambda: name not in vms_after.get("vm1", {}).get("attachments", {}) and data["disk"] == name,
+        "detach vma": lambda: name not in vms_after.get("vma", {}).get("attachments", {}) and data["disk"] == name,
         "detach victim": lambda: data["vm"] == name and "victim" not in vms_after.get(name, {}).get("attachments", {}),
         "vm show": lambda: data.get("name") == name,
     }
@@ -219,17 +219,21 @@ def judge(cmd: Command, name: str, outcome: Outcome, before: Snapshot, after: Sn
 
 def ensure(socket: Path) -> None:
     """Put back what an earlier example was allowed to change: the disks, victim's snapshot, the two
-    attachments, and `free` unattached. Through the API, not the CLI under test."""
+    attachments, and `free` unattached. Through the API, not the CLI under test; only what is missing (each
+    attach is a reconcile, slow under TCG)."""
     with api_fuzz.uds_client(socket) as client:
-        for vm in client.get("/v1/vms").json():
-            if "free" in vm["disks"]:
-                assert client.delete(f"/v1/vms/{vm['name']}/disks/free").status_code == 200
+        vms = {vm["name"]: vm["disks"] for vm in client.get("/v1/vms").json()}
+        for vm, disks in vms.items():
+            if "free" in disks:
+                assert client.delete(f"/v1/vms/{vm}/disks/free").status_code == 200
+        disks = {d["name"]: d for d in client.get("/v1/disks").json()}
         for disk in DISKS:
-            resp = client.post("/v1/disks", json={"name": disk, "pool": "files", "size": "4M"})
-            assert resp.status_code == 200, resp.text
+            if disk not in disks:
+                resp = client.post("/v1/disks", json={"name": disk, "pool": "files", "size": "4M"})
+                assert resp.status_code == 200, resp.text
         for vm, disk in ATTACHED.items():
-            resp = client.put(f"/v1/vms/{vm}/disks/{disk}", json={"transport": "tcp"})
-            assert resp.status_code == 200, resp.text
-        snaps = client.get("/v1/disks/victim").json()["snapshots"]
-        if SNAPSHOT not in snaps:
+            if disk not in vms.get(vm, {}):
+                resp = client.put(f"/v1/vms/{vm}/disks/{disk}", json={"transport": "tcp"})
+                assert resp.status_code == 200, resp.text
+        if SNAPSHOT not in disks.get("victim", {}).get("snapshots", []):
             assert client.post("/v1/disks/victim/snapshots", json={"snapshot": SNAPSHOT}).status_code == 200

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from backends import pools
 from target.configfs import ConfigFS
 from target.live import read_state
-from tests import api_fuzz
+from tests import api_fuzz, cli_names
 from tests.conftest import wipe
 from tests.kernel import hostside
 from tests.kernel.service_fixture import Daemon
@@ -92,6 +92,25 @@ def test_invalid_path_names_get_4xx(client: httpx.Client, method: str, template:
                                     bad: str) -> None:
     problem = api_fuzz.refuses_invalid_name(client, method, template, body, bad,
                                             {"name": "d1", "vm": "vm0", "disk": "d1"})
+    assert problem is None, problem
+
+
+CLI_NAME_EXAMPLES = int(os.environ.get("NVMETD_CLI_NAME_EXAMPLES", "12"))
+
+
+@settings(max_examples=CLI_NAME_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(cmd=st.sampled_from(cli_names.COMMANDS), name=cli_names.cli_names())
+def test_cli_names_are_refused_or_act_on_exactly_their_object(daemon: Daemon, cmd: cli_names.Command,
+                                                              name: str) -> None:
+    """nvmetctl's own entry point with generated names (tests/cli_names.py): refused with one line and exit 2, or
+    acting on exactly that object; the state file, the tree as the kernel reports it, the volumes and key files
+    otherwise unchanged. The host run (tests/unit/test_cli_names.py) has many more examples."""
+    cli_names.ensure(daemon.socket)
+    snap = lambda: cli_names.snapshot(daemon.state, ConfigFS(), daemon.pools_root, daemon.base / "keys")  # noqa: E731
+    before = snap()
+    argv = [name if a == cli_names.N else a for a in cmd.argv]
+    outcome = cli_names.run_cli(daemon.socket, daemon.state, argv)
+    problem = cli_names.judge(cmd, name, outcome, before, snap())
     assert problem is None, problem
 
 
