@@ -15,6 +15,7 @@ from typing import Any
 
 from nvmetd import initiator
 from nvmetd.changelog import ChangeLog, recorded
+from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
@@ -131,6 +132,7 @@ class Manager:
                 result = (restore(state, self.cfs, timeout=wait) if wait
                           else apply_state(state, self.cfs, readiness=SystemReadiness()))
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
+            crash_point("reconcile.after_kernel")
             self._release_detached(doc)
             self.last_result = result
             return result
@@ -170,6 +172,7 @@ class Manager:
                     return self.disk_info(name)  # a retried create returns the same disk
                 self._pool(pool)  # the pool must exist before anything is journalled
                 doc.setdefault("disks", {})[name] = {"pool": pool, "state": "creating"}
+            crash_point("create.after_journal")
             backend = self._pool(pool)
             try:
                 if name not in set(backend.volumes()):
@@ -179,6 +182,7 @@ class Manager:
                 with self.store.transaction() as doc:
                     doc.get("disks", {}).pop(name, None)
                 raise
+            crash_point("create.after_volume")
             with self.store.transaction() as doc:
                 doc["disks"][name] = {"pool": pool, "state": "ready"}
             return self.disk_info(name)
@@ -206,6 +210,7 @@ class Manager:
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
                 doc["disks"][name]["state"] = "deleting"
+            crash_point("delete.after_journal")
             self._finish_delete(name, pool)
 
     def _finish_delete(self, name: str, pool: str) -> None:
@@ -214,6 +219,7 @@ class Manager:
             if backend.info(name).attached:
                 backend.detach(name)
             backend.delete(name)
+        crash_point("delete.after_volume")
         with self.store.transaction() as doc:
             doc.get("disks", {}).pop(name, None)
 
@@ -232,6 +238,7 @@ class Manager:
         with self.lock:
             doc = self.store.load()
             self._pool(self._disk_pool(doc, name)).grow(name, size, force=force)
+            crash_point("resize.after_grow")
             self._revalidate(name)
             return self.disk_info(name)
 
@@ -306,7 +313,9 @@ class Manager:
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
                     vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen)
                 vms[vm_name] = vm.model_dump()
+            crash_point("attach.after_store")
             result = self.reconcile()
+            crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
             bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
             if bad:
@@ -392,6 +401,7 @@ class Manager:
                 vm = Vm.model_validate(vms[vm_name])
                 removed = vm.attachments.pop(disk, None)
                 vms[vm_name] = vm.model_dump()
+            crash_point("detach.after_store")
             if removed is not None and removed.transport == "loop" and not any(
                     a.transport == "loop" for a in vm.attachments.values()):
                 _disconnect_host(vm)
@@ -434,9 +444,11 @@ class Manager:
                     log.info("pool %s: %s", name, line)
             except Exception as exc:
                 log.error("pool %s: recovery failed: %s", name, exc)
+        crash_point("boot.after_recover")
         with self.lock:
             for line in self._finish_journal():
                 log.info("%s", line)
+        crash_point("boot.after_journal")
         return self.reconcile(wait=wait)
 
 
