@@ -168,3 +168,22 @@ def refuses_invalid_name(client: httpx.Client, method: str, template: str, body:
             if not (isinstance(data, dict) and isinstance(data.get("error"), str)):
                 return f"{method} {path} -> {resp.status_code} without a one-line error: {text[:200]}"
     return None
+
+
+class Budget:
+    """Seconds of fuzzing per key (one fuzzed operation), counted from its first example: later examples of a
+    spent key return at once, so a slow machine runs fewer examples instead of a longer suite."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started: dict[Any, float] = {}
+        self.ran: dict[Any, int] = {}
+
+    def spent(self, key: Any) -> bool:
+        import time
+
+        start = self.started.setdefault(key, time.monotonic())
+        if time.monotonic() - start > self.seconds:
+            return True
+        self.ran[key] = self.ran.get(key, 0) + 1
+        return False
