@@ -155,8 +155,9 @@ def svc(nvmet_kernel: ConfigFS, tmp_path_factory: pytest.TempPathFactory):
 
 # ---------------------------------------------------------------------------------------------- sd_notify
 def test_sd_notify_ready_and_watchdog(svc: Service) -> None:
-    ready = [(t, m) for t, m in svc.notify.from_pid(svc.pid) if "READY=1" in m.splitlines()]
-    assert ready, f"no READY=1 from nvmetd (pid {svc.pid}); got {svc.notify.messages}"
+    # READY=1 comes once the start-up restore converged, which may be after the API first answers
+    ready = _wait(f"READY=1 from nvmetd (pid {svc.pid})", lambda: [
+        (t, m) for t, m in svc.notify.from_pid(svc.pid) if "READY=1" in m.splitlines()], timeout=300)
     assert f"STATUS=serving on {svc.daemon.socket}" in ready[0][1]
     log = svc.daemon.log_text()
     assert "serving on" in log
