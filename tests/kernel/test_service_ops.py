@@ -482,7 +482,8 @@ def test_fio_verify_runs_across_nvmetd_restart(svc: Service) -> None:
         # the new daemon's boot restore found the live tree as it should be: nothing rewritten under fio
         boot = _wait("the boot restore", lambda: d.request("GET", "/v1/status").json()["reconcile"], timeout=120)
         assert boot["converged"] and boot["writes"] == 0, boot
-        assert any("READY=1" in m for _, m in svc.notify.from_pid(d.proc.pid)), "no READY=1 after the restart"
+        _wait("READY=1 after the restart", lambda: any(
+            "READY=1" in m for _, m in svc.notify.from_pid(d.proc.pid)), timeout=120)
         time.sleep(5)  # a few more seconds of I/O with the new daemon serving
         stop.touch()
         _, stderr = proc.communicate(timeout=300)
