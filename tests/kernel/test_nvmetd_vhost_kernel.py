@@ -52,7 +52,7 @@ def daemon(vhost_module: None, nvmet_kernel: ConfigFS, tmp_path_factory: pytest.
     (base / "nvmetd.toml").write_text('[vhost]\nbackend = "kernel"\n')
     d = Daemon(base, extra_args=["--vhost-dir", str(base / "vhost")])
     pools.create_pool("file", "files", devices=[str(base / "files")], root=d.pools_root)
-    d.start()
+    d.start(deadline=900)  # a FastAPI start-up under TCG on a loaded host took > 300 s
     for disk in ("k1", "k2", "b1"):
         _api(d, "POST", "/v1/disks", {"name": disk, "pool": "files", "size": "32M"})
     yield d
