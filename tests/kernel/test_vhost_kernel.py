@@ -59,12 +59,22 @@ def vhost_module(nvmet_kernel: ConfigFS) -> None:
         pytest.skip(message)
 
 
+# taint flags a kernel sets for good: they survive a kernel log that TCG's "hpet: Lost RTC interrupts" floods
+TAINT_DIE, TAINT_WARN, TAINT_SOFTLOCKUP = 1 << 7, 1 << 9, 1 << 14
+
+
+def _taint() -> int:
+    return int(Path("/proc/sys/kernel/tainted").read_text())
+
+
 @pytest.fixture(autouse=True)
 def clean_kernel_log(vhost_module: None) -> Iterator[None]:
-    before = len(_dmesg())
+    before, taint = len(_dmesg()), _taint()
     yield
     trouble = [line for line in _dmesg()[before:] if KERNEL_TROUBLE.search(line)]
     assert not trouble, "kernel log:\n" + "\n".join(trouble)
+    new = _taint() & ~taint & (TAINT_DIE | TAINT_WARN | TAINT_SOFTLOCKUP)
+    assert not new, f"the kernel tainted itself during the test (flags {new:#x}: oops/WARN/soft lockup)"
 
 
 @pytest.fixture
