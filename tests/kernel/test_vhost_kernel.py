@@ -399,3 +399,33 @@ def test_random_commands_from_a_hostile_guest_never_hurt_the_host(target: Path) 
         assert g.write(1, 1, 32, data).status == 0 and g.read(1, 1, 32, 16)[1] == data
     finally:
         g.close()
+
+
+def test_a_namespace_added_in_nvmet_reaches_the_bound_guest(cfs: ConfigFS, guest: GuestDriver, loops: Loops,  # noqa: F811
+                                                            target: Path) -> None:
+    """nvmetd adds a VM's next disk as a namespace of its subsystem: nvmet tells the guest (AEN + changed list)."""
+    from vhost_nvme.nvme_spec import AEN_NS_CHANGED, Fid, Lid
+
+    assert guest.admin(AdminOpc.SET_FEATURES, cdw10=Fid.ASYNC_EVENT_CFG, cdw11=1 << 8).status == 0
+    aer = guest.submit(0, sqe(AdminOpc.ASYNC_EVENT))
+    second = loops.make("vhost-ns2", 16 << 20)
+    state = parse_state({
+        "hosts": [{"nqn": HOST}],
+        "subsystems": [{"nqn": SUB, "allowed_hosts": [HOST],
+                        "namespaces": [{"nsid": 1, "device_path": str(_device_of(cfs))},
+                                       {"nsid": 2, "device_path": second}]}],
+        "ports": [{"id": 7, "trtype": "vhost", "subsystems": [SUB]}],
+    })
+    assert apply_state(state, cfs).converged
+    cqe = guest.wait(0, aer)
+    assert cqe.status == 0 and cqe.dw0 == AEN_NS_CHANGED  # notice: namespace attribute changed, log 0x04
+    cqe, page = guest.get_log(Lid.CHANGED_NS, 4096)
+    assert cqe.status == 0 and struct.unpack_from("<2I", page) == (2, 0)
+    io_queue(guest)
+    data = os.urandom(4096)
+    assert guest.write(1, 2, 0, data).status == 0 and guest.read(1, 2, 0, 8)[1] == data
+    assert hostside.direct_read(second, 4096) == data
+
+
+def _device_of(cfs: ConfigFS) -> str:
+    return (cfs.root / "subsystems" / SUB / "namespaces" / "1" / "device_path").read_text().strip()
