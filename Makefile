@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
 
-.PHONY: setup demo test bench bench-vhost bench-target bench-backends bench-attach lint clean
+.PHONY: setup demo test bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -25,6 +25,11 @@ bench: $(STAMP)
 BENCH_VHOST_ARGS ?= --size 64M --runtime 5 --ramp 1
 bench-vhost: $(STAMP)
 	.venv/bin/python -m bench.matrix perf --transport vhost --backend file --out bench-out/vhost $(BENCH_VHOST_ARGS)
+
+# the in-kernel vhost-nvme transport vs the engine vs nvme-loop vs the raw device, one null_blk, in the rig
+BENCH_VHOST_KERNEL_ARGS ?=
+bench-vhost-kernel: $(STAMP)
+	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m bench.vhost_kernel $(BENCH_VHOST_KERNEL_ARGS)
 
 # control plane: 1,000 subsystems into an empty tree, re-apply, one more (add NVMETCLI_SRC=dir for the baseline)
 bench-target: $(STAMP)

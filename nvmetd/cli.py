@@ -288,9 +288,14 @@ def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
-    nvmetd's engine from the VM's shared memory: the output has the engine socket and the QEMU arguments."""
+    nvmetd's engine from the VM's shared memory, or (when nvmet-vhost loads, `[vhost] backend`) by the kernel's
+    NVMe target itself, QEMU opening /dev/vhost-nvme: the output says which and why, with the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
                       {"transport": transport, "vm_uuid": vm_uuid, "memory": memory})
+    if qmp_socket and result.get("vhost_backend") == "kernel":
+        raise SystemExit(_fail("--qmp does not hot-plug the kernel back-end's device yet (the disk is attached): "
+                               "start QEMU with the printed -device, or detach and use [vhost] backend = engine",
+                               EXIT_USAGE))
     if qmp_socket and result["transport"] == "vhost":
         from nvmetd import qmp
 

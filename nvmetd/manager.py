@@ -19,6 +19,7 @@ from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
+from nvmetd.vhost_kernel import Choice, KernelBackendMissing, choose_backend
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
 from target import validate
 from target.apply import ApplyResult, apply_state
@@ -55,6 +56,7 @@ class AttachResult:
     qemu_args: list[str]
     vhost_socket: str | None = None
     notes: list[str] | None = None
+    vhost_backend: str | None = None  # vhost: "kernel" (nvmet-vhost) or "engine" (nvmetd's userspace engine)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,7 +65,8 @@ class AttachResult:
 class Manager:
     def __init__(self, store: StateStore, cfs: ConfigFS, pools_root: Path | None = None,
                  keys_dir: Path = DEFAULT_KEYS_DIR, host_connect: bool = True,
-                 vhost: VhostEngines | None = None, vhost_auto: bool = False) -> None:
+                 vhost: VhostEngines | None = None, vhost_auto: bool = False,
+                 vhost_backend: Choice = "auto") -> None:
         self.store = store
         self.cfs = cfs
         self.pools_root = pools_root
@@ -72,6 +75,7 @@ class Manager:
         self.vhost = vhost or VhostEngines()
         self.vhost.owner = str(store.path.resolve())
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
+        self.vhost_backend = vhost_backend  # [vhost] backend: who serves a VM's first vhost disk
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
         self.changes = ChangeLog()  # the order changes took effect in (nvmetd --change-log)
@@ -113,7 +117,7 @@ class Manager:
         specs = []
         for vm in sorted(self._vms(doc).values(), key=lambda v: v.name):
             namespaces = {a.nsid: (disk, devices[disk]) for disk, a in vm.attachments.items()
-                          if a.transport == "vhost"}
+                          if a.transport == "vhost" and a.backend == "engine"}
             if namespaces:
                 specs.append(EngineSpec(vm, namespaces))
         return specs
@@ -306,12 +310,23 @@ class Manager:
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
                                     "detach it first to change the transport")
+                backend = "engine"
+                if chosen == "vhost":
+                    if current is not None:
+                        backend, bwhy = current.backend, f"the disk is on the {current.backend} back-end already"
+                    else:
+                        try:
+                            backend, bwhy = choose_backend(self.vhost_backend, vm.vhost_backend())
+                        except KernelBackendMissing as exc:
+                            raise Unsupported(str(exc)) from None
+                    why = f"{why}; {backend} back-end: {bwhy}"
+                self._check_kernel_vhost_mix(vm, disk, chosen, backend)
                 if current is None:
                     nsid = vm.next_nsid()
-                    if chosen == "vhost" and nsid > MAX_VHOST_NSID:
+                    if chosen == "vhost" and backend == "engine" and nsid > MAX_VHOST_NSID:
                         raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
-                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen)
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
             result = self.reconcile()
@@ -319,10 +334,25 @@ class Manager:
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
             bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
             if bad:
-                where = "the vhost engine" if chosen == "vhost" else "the kernel"
+                where = "the vhost engine" if chosen == "vhost" and backend == "engine" else "the kernel"
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
             return self._attach_result(vm_name, disk, why, memory)
+
+    @staticmethod
+    def _check_kernel_vhost_mix(vm: Vm, disk: str, transport: str, backend: str) -> None:
+        """A VM on the kernel vhost back-end binds with a key-less host NQN, so its subsystem must not be on a
+        fabric port too (nvmetd.vhost_kernel): refuse the mix either way."""
+        others = {a.transport if a.transport != "vhost" else f"vhost ({a.backend})"
+                  for d, a in vm.attachments.items() if d != disk}
+        kernel_vhost = transport == "vhost" and backend == "kernel"
+        if kernel_vhost and any(not o.startswith("vhost") for o in others):
+            raise UserError(f"VM {vm.name!r} has disks over {', '.join(sorted(others))}: the kernel vhost back-end "
+                            "binds without DH-CHAP, so its subsystem cannot also be on a fabric port; detach them "
+                            "or set [vhost] backend = engine")
+        if transport != "vhost" and vm.vhost_backend() == "kernel":
+            raise UserError(f"VM {vm.name!r} is on the kernel vhost back-end (no DH-CHAP): its subsystem cannot also "
+                            f"be exported over {transport}; use --transport vhost")
 
     def _check_transport(self, transport: str, doc: dict[str, Any]) -> None:
         """Refuse a transport this host cannot export before the attachment is recorded: once stored, an
@@ -366,8 +396,17 @@ class Manager:
     def _vhost_result(self, vm: Vm, disk: str, att: Attachment, why: str, memory: str | None) -> AttachResult:
         """All vhost disks of a VM are namespaces of one controller: the QEMU arguments are the same for each,
         and a QEMU that already has the device sees the new disk as a new namespace, without a new device."""
-        from vhost_nvme.qemu_args import device_args, shared_memory_args
+        from vhost_nvme.qemu_args import device_args, kernel_device_args, shared_memory_args
 
+        if att.backend == "kernel":
+            qemu = kernel_device_args(vm.subnqn, vm.vhost_hostnqn, dev_id=vhost_device_id(vm.name))
+            notes = [f"disk {disk} is namespace {att.nsid} of the VM's subsystem in nvmet, on the vhost port; QEMU "
+                     "opens /dev/vhost-nvme itself (as root) and binds with the VM's vhost host NQN (no DH-CHAP: "
+                     "the kernel transport has none; that NQN is allowed on this subsystem only, on no fabric)",
+                     "add the device once per VM (a running guest sees further disks as new namespaces); guest RAM "
+                     "needs no shared memory backend"]
+            return AttachResult(vm.name, disk, "vhost", why, vm.subnqn, vm.vhost_hostnqn, att.nsid, "", "", "", None,
+                                qemu, notes=notes, vhost_backend="kernel")
         sock = self.vhost.socket_path(vm)
         qemu = (shared_memory_args(memory) if memory else []) + device_args(
             str(sock), dev_id=vhost_device_id(vm.name), subnqn=vm.subnqn)
@@ -377,7 +416,7 @@ class Manager:
             notes.append("vhost-user needs the VM's RAM to be a shared memfd: add -object memory-backend-memfd,"
                          "id=mem,size=<RAM>,share=on -machine memory-backend=mem (or pass memory to attach)")
         return AttachResult(vm.name, disk, "vhost", why, vm.subnqn, vm.hostnqn, att.nsid, "", "", "", None, qemu,
-                            vhost_socket=str(sock), notes=notes)
+                            vhost_socket=str(sock), notes=notes, vhost_backend="engine")
 
     def _host_connection(self, vm: Vm) -> str:
         """The host-side loop controller for this VM (one per VM; new disks appear on it as namespaces)."""
@@ -418,8 +457,13 @@ class Manager:
         vm = vms[name]
         info = {"name": vm.name, "uuid": vm.uuid, "host_nqn": vm.hostnqn, "subsystem_nqn": vm.subnqn,
                 "disks": {d: a.model_dump() for d, a in sorted(vm.attachments.items())}}
-        if any(a.transport == "vhost" for a in vm.attachments.values()):
+        backend = vm.vhost_backend()
+        if backend is not None:
+            info["vhost_backend"] = backend
+        if backend == "engine":
             info["vhost_socket"] = str(self.vhost.socket_path(vm))
+        elif backend == "kernel":
+            info["vhost_host_nqn"] = vm.vhost_hostnqn
         return info
 
     def status(self) -> dict[str, Any]:

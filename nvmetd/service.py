@@ -18,7 +18,7 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -87,6 +87,8 @@ class VhostConfig(BaseModel):
     auto: bool = False  # the hypervisor's QEMU has the vhost-user-nvme device: --transport auto picks vhost
     socket_group: str | None = None  # QEMU's group: it gets the engine sockets (0660)
     poll_us: int | None = Field(default=None, ge=1, le=1_000_000)  # engine busy-poll cap
+    # who serves --transport vhost: the in-kernel nvmet-vhost when it loads (auto), always it, or the engine
+    backend: Literal["auto", "kernel", "engine"] = "auto"
 
 
 def bind_socket(path: Path, group: str | None) -> socket.socket:
@@ -116,7 +118,8 @@ class Service:
                                host_connect=not args.no_host_connect,
                                vhost=VhostEngines(args.vhost_dir, poll_us=vhost.get("poll_us"),
                                                   socket_group=vhost.get("socket_group")),
-                               vhost_auto=bool(vhost.get("auto", False)))
+                               vhost_auto=bool(vhost.get("auto", False)),
+                               vhost_backend=vhost.get("backend", "auto"))
         self.manager.changes = ChangeLog(args.change_log)
         self.stop = threading.Event()
         self.wake = threading.Event()
@@ -128,6 +131,7 @@ class Service:
 
     def apply_config(self) -> None:
         self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
+        self.manager.vhost_backend = self.config.get("vhost", {}).get("backend", "auto")
         ports = self.config.get("ports")
         if ports is not None:
             stored = Ports.model_validate(ports).model_dump(exclude_unset=True)

@@ -19,7 +19,7 @@ from target.model import Host, Namespace, Port, Subsystem, TargetState
 
 SUBSYSTEM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"
 Transport = Literal["tcp", "loop", "rdma", "vhost"]
-KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine
+KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine or nvmet-vhost
 
 
 def vm_hostnqn(vm_uuid: str) -> str:
@@ -41,6 +41,13 @@ class Attachment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     nsid: int = Field(ge=1, le=1024)
     transport: Transport
+    # vhost only: who serves the controller (nvmetd.vhost_kernel); state files from before it mean the engine
+    backend: Literal["engine", "kernel"] = "engine"
+
+    @property
+    def in_kernel(self) -> bool:
+        """Served by nvmet: a fabrics transport, or vhost on the kernel back-end."""
+        return self.transport in KERNEL_TRANSPORTS or (self.transport == "vhost" and self.backend == "kernel")
 
 
 class Vm(BaseModel):
@@ -68,6 +75,16 @@ class Vm(BaseModel):
     def subnqn(self) -> str:
         return vm_subsystem(self.uuid)
 
+    @property
+    def vhost_hostnqn(self) -> str:
+        from nvmetd.vhost_kernel import vhost_hostnqn
+
+        return vhost_hostnqn(self.uuid)
+
+    def vhost_backend(self) -> Literal["engine", "kernel"] | None:
+        """The back-end of the VM's vhost controller, if it has vhost disks."""
+        return next((a.backend for a in self.attachments.values() if a.transport == "vhost"), None)
+
     def next_nsid(self) -> int:
         used = {a.nsid for a in self.attachments.values()}
         return next(n for n in range(1, 1025) if n not in used)
@@ -90,6 +107,7 @@ class Ports(BaseModel):
     rdma_id: int = 4422
     rdma_address: str | None = None
     rdma_port: str = "4420"
+    vhost_id: int = 4423
 
     def port(self, transport: str, subsystems: list[str]) -> Port:
         if transport == "tcp":
@@ -102,6 +120,8 @@ class Ports(BaseModel):
             family = "ipv6" if ":" in self.rdma_address else "ipv4"
             return Port(id=self.rdma_id, trtype="rdma", adrfam=family, traddr=self.rdma_address,
                         trsvcid=self.rdma_port, subsystems=subsystems)
+        if transport == "vhost":  # /dev/vhost-nvme binds to subsystems exported here (kernel_patches/)
+            return Port(id=self.vhost_id, trtype="vhost", subsystems=subsystems)
         return Port(id=self.loop_id, trtype="loop", subsystems=subsystems)
 
 
@@ -111,16 +131,23 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     `devices` maps disk name -> the file or block device its namespace opens (from the backend).
     """
     data: dict[str, Any] = base.model_dump()
-    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": []}
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
-        kernel = {disk: a for disk, a in vm.attachments.items() if a.transport in KERNEL_TRANSPORTS}
+        kernel = {disk: a for disk, a in vm.attachments.items() if a.in_kernel}
         if not kernel:
-            continue  # vhost disks are served by nvmetd's own engine, not by the kernel target
-        data["hosts"].append(Host(nqn=vm.hostnqn, dhchap_key=vm.dhchap_key).model_dump())
+            continue  # engine-served vhost disks are nvmetd's own engine's, not the kernel target's
+        if vm.vhost_backend() == "kernel":
+            # the kernel transport does no DH-CHAP: a host NQN of its own, without a key, and no fabric port
+            # (attach refuses to mix; nvmetd.vhost_kernel says why)
+            host = vm.vhost_hostnqn
+            data["hosts"].append(Host(nqn=host).model_dump())
+        else:
+            host = vm.hostnqn
+            data["hosts"].append(Host(nqn=host, dhchap_key=vm.dhchap_key).model_dump())
         namespaces = [Namespace(nsid=a.nsid, device_path=devices[disk],
                                 device_uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{vm.uuid}/{disk}")))
                       for disk, a in sorted(kernel.items())]
-        data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[vm.hostnqn], model="nvmetd virtual disk",
+        data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[host], model="nvmetd virtual disk",
                                             serial=vm.uuid.replace("-", "")[:20],
                                             namespaces=namespaces).model_dump())
         for transport in sorted({a.transport for a in kernel.values()}):
