@@ -4,8 +4,9 @@ Attach-to-usable: from the API call (`PUT /v1/vms/{vm}/disks/{disk}`, what `nvme
 4 KiB read with O_DIRECT from the namespace's block device on this host, over the loop transport (nvmetd connects
 the host side itself and answers with the device). Measured with N VMs already attached (each with its own
 subsystem, host entry, DH-CHAP key and namespace, exported over TCP), N = 0 (the baseline), then e.g. 10, 100, 500.
-Also per attach: configfs changes (the daemon's own count, from /v1/status), and configfs reads of one reconcile
-at that size (a dry run in this process with the same state): the part of the cost that grows with N.
+Also per attach: configfs changes and configfs reads (the daemon's own counters, from /v1/status: an attach reads
+only that VM's objects, so this must not grow with N), and for contrast the configfs reads of one full check at
+that size (a dry run in this process with the same state, what the daemon does at start and on its drift timer).
 
 The background VMs are written into the state in one transaction and reconciled once (setup, timed, not part of
 the figures): adding 500 VMs one API call at a time would itself be the O(N^2) this measures.
