@@ -1,14 +1,20 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
+# `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
+DEMO_STAMP := .venv/.setup-demo-done
 
 .PHONY: setup demo test bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
 	scripts/setup
+	touch $@ $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml scripts/setup vhost_nvme/apt-packages.txt
+	scripts/setup --demo
 	touch $@
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	.venv/bin/python -m rig -- .venv/bin/python -m nvmetd.demo
 
 test: $(STAMP)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmetd import initiator
+from nvmetd import initiator, vm_scope
 from nvmetd.changelog import ChangeLog, recorded
 from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
@@ -27,6 +27,7 @@ from target.configfs import ConfigFS
 from target.features import load_modules
 from target.model import TargetState, parse_state
 from target.restore import SystemReadiness, restore
+from target.scope import ScopedLiveTree
 from target.store import StateStore, set_target
 
 log = logging.getLogger("nvmetd.manager")
@@ -79,6 +80,12 @@ class Manager:
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
         self.changes = ChangeLog()  # the order changes took effect in (nvmetd --change-log)
+        # What this process knows, so that one VM's attach or detach costs the same with 5 VMs or 5,000: the
+        # device path of every disk it activated, the port attributes it read (target/scope.py) and the
+        # transport modules it loaded. A full reconcile (start, drift timer, API) re-reads and refreshes all.
+        self._device_paths: dict[str, str] = {}
+        self._port_attrs: dict[tuple[str, str], str | None] = {}
+        self._modules_loaded: set[str] = set()
 
     # ------------------------------------------------------------------ state document
     @staticmethod
@@ -106,7 +113,20 @@ class Manager:
             for disk in vm.attachments:
                 if disk not in devices:
                     devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        self._device_paths = dict(devices)
         return devices
+
+    def _device(self, doc: dict[str, Any], disk: str) -> str:
+        """One disk's device: activated once, then known (a pool's ledger is not re-read per change)."""
+        if disk not in self._device_paths:
+            self._device_paths[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        return self._device_paths[disk]
+
+    def _load_modules(self, state: TargetState) -> None:
+        wanted = {p.trtype for p in state.ports} | {"nvmet"}
+        if not wanted <= self._modules_loaded:
+            load_modules(state)
+            self._modules_loaded |= wanted
 
     def effective(self, doc: dict[str, Any], devices: dict[str, str] | None = None) -> TargetState:
         """The tree the kernel should hold."""
@@ -123,14 +143,17 @@ class Manager:
         return specs
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
+        """The whole tree: every volume activated, every object read and compared (start, drift timer, API)."""
         with self.lock:
             doc = self.store.load()
+            self._port_attrs.clear()
             devices = self._devices(doc)
             state = self.effective(doc, devices)
             if not self.cfs.exists() and state == TargetState():
                 result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
             else:
                 load_modules(state)
+                self._modules_loaded = {p.trtype for p in state.ports} | {"nvmet"}
                 # outside boot too, a port whose address is not up (yet) is pending, not failed: the drift timer
                 # retries it
                 result = (restore(state, self.cfs, timeout=wait) if wait
@@ -140,6 +163,50 @@ class Manager:
             self._release_detached(doc)
             self.last_result = result
             return result
+
+    def _reconcile_vm(self, vm_name: str, before: Vm | None) -> ApplyResult:
+        """After one VM's attach or detach: plan, read and activate only what that VM has (nvmetd/vm_scope.py).
+
+        Anything short of convergence falls back to the full reconcile, so a failure is reported (and repaired)
+        exactly as before."""
+        doc = self.store.load()
+        raw = doc.get("vms", {}).get(vm_name)
+        vm = Vm.model_validate(raw) if raw is not None else before
+        if vm is None or "kernel" in (vm.vhost_backend(), before.vhost_backend() if before else None):
+            return self.reconcile()  # the scope (vm_scope, target/scope.py) knows nvmetd's fabric ports only
+        ports = self._ports(doc)
+        devices = {disk: self._device(doc, disk) for disk in vm.attachments}
+        state = vm_scope.vm_state(vm, devices, ports, vm_scope.transports_in_use(doc))
+        if not self.cfs.exists() and state == TargetState():
+            result = ApplyResult()
+        else:
+            self._load_modules(state)
+            live = ScopedLiveTree(self.cfs, [vm.hostnqn], [vm.subnqn], vm_scope.port_ids(ports), self._port_attrs)
+            result = apply_state(state, self.cfs, live=live)
+        if vm_scope.uses_vhost(before) or vm_scope.uses_vhost(vm):
+            vhost_devices = {disk: self._device(doc, disk) for other in self._vms(doc).values()
+                             for disk, a in other.attachments.items() if a.transport == "vhost"}
+            result.objects.update(self.vhost.reconcile(self.engine_specs(doc, vhost_devices)))
+        gone = set(before.attachments) - set(vm.attachments) if before is not None else set()
+        self._release(doc, gone)
+        if not result.converged:
+            return self.reconcile()
+        # status and metrics keep every object of the last full check, with this VM's objects brought up to date
+        previous = self.last_result.objects if self.last_result is not None else {}
+        self.last_result = ApplyResult(objects={**previous, **result.objects}, writes=result.writes,
+                                       planned=result.planned)
+        return result
+
+    def _release(self, doc: dict[str, Any], disks: set[str]) -> None:
+        """Close the volumes of these disks if no VM uses them any more (the end of a detach)."""
+        attached = {d for vm in doc.get("vms", {}).values() for d in vm.get("attachments", {})}
+        for disk in sorted(disks - attached):
+            self._device_paths.pop(disk, None)
+            entry = doc.get("disks", {}).get(disk)
+            if entry is not None and entry.get("state", "ready") == "ready":
+                pool = self._pool(entry["pool"])
+                if pool.info(disk).attached:
+                    pool.detach(disk)
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
@@ -218,6 +285,7 @@ class Manager:
             self._finish_delete(name, pool)
 
     def _finish_delete(self, name: str, pool: str) -> None:
+        self._device_paths.pop(name, None)
         backend = self._pool(pool)
         if name in set(backend.volumes()):
             if backend.info(name).attached:
@@ -300,12 +368,13 @@ class Manager:
                 self._disk_pool(doc, disk)
                 self._check_transport(chosen, doc)
                 vms = doc.setdefault("vms", {})
-                vm = Vm.model_validate(vms[vm_name]) if vm_name in vms else new_vm(vm_name, vm_uuid)
+                before = Vm.model_validate(vms[vm_name]) if vm_name in vms else None
+                vm = before.model_copy(deep=True) if before is not None else new_vm(vm_name, vm_uuid)
                 if vm_uuid and vm.uuid != validate.uuid_str(vm_uuid):
                     raise UserError(f"VM {vm_name!r} exists with UUID {vm.uuid}, not {vm_uuid}")
-                for other in self._vms(doc).values():
-                    if other.name != vm_name and disk in other.attachments:
-                        raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
+                for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
+                    if other != vm_name and disk in entry.get("attachments", {}):
+                        raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
                 current = vm.attachments.get(disk)
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
@@ -329,7 +398,7 @@ class Manager:
                     vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
-            result = self.reconcile()
+            result = self._reconcile_vm(vm_name, before)
             crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
             bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
@@ -374,7 +443,7 @@ class Manager:
 
     def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None) -> AttachResult:
         doc = self.store.load()
-        vm = self._vms(doc)[vm_name]
+        vm = Vm.model_validate(doc["vms"][vm_name])
         att = vm.attachments[disk]
         if att.transport == "vhost":
             return self._vhost_result(vm, disk, att, why, memory)
@@ -437,14 +506,15 @@ class Manager:
                 vms = doc.get("vms", {})
                 if vm_name not in vms:
                     raise UserError(f"no VM named {vm_name!r}")
-                vm = Vm.model_validate(vms[vm_name])
+                before = Vm.model_validate(vms[vm_name])
+                vm = before.model_copy(deep=True)
                 removed = vm.attachments.pop(disk, None)
                 vms[vm_name] = vm.model_dump()
             crash_point("detach.after_store")
             if removed is not None and removed.transport == "loop" and not any(
                     a.transport == "loop" for a in vm.attachments.values()):
                 _disconnect_host(vm)
-            result = self.reconcile()
+            result = self._reconcile_vm(vm_name, before)
             return {"vm": vm_name, "disk": disk, "detached": removed is not None, "converged": result.converged}
 
     def list_vms(self) -> list[dict[str, Any]]:
@@ -476,9 +546,11 @@ class Manager:
                 pools[name] = st.to_dict() if hasattr(st, "to_dict") else dict(st.__dict__)
             except Exception as exc:  # a broken pool must not hide the others
                 pools[name] = {"error": str(exc)}
+        counters = self.cfs.counters
         return {"generation": doc.get("generation", 0), "vms": len(doc.get("vms", {})),
                 "disks": len(doc.get("disks", {})), "pools": pools,
-                "reconcile": None if result is None else result.to_dict()}
+                "reconcile": None if result is None else result.to_dict(),
+                "configfs": {"reads": counters.reads, "changes": counters.changes}}
 
     def boot(self, wait: float = 120.0) -> ApplyResult:
         """Start-up: finish or roll back interrupted volume operations, then restore the kernel tree."""
