@@ -18,11 +18,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from backends.errors import BackendError, NotFoundError
+from nvmetd.api_target import target_router
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
+from nvmetd.target_ops import TargetOps
 from target import validate
-from target.model import StateError, parse_state
+from target.configfs import ConfigfsError
+from target.features import FeatureError
+from target.model import StateError
 
 log = logging.getLogger("nvmetd.api")
 
@@ -174,7 +178,8 @@ def create_app(manager: Manager) -> FastAPI:
     # Refusals by kind: Starlette picks the handler of the most specific class (MRO), so Unsupported (a
     # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
     refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
-                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409}
+                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409,
+                                            FeatureError: 503, ConfigfsError: 503}
     for kind, status in refusals.items():
         async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return _error(status, str(exc))
@@ -258,12 +263,8 @@ def create_app(manager: Manager) -> FastAPI:
         result = await run_in_threadpool(manager.reconcile)
         return result.to_dict()
 
-    @router.put("/v1/target")
-    async def put_target(state: dict[str, Any]) -> dict[str, Any]:
-        result = await run_in_threadpool(manager.apply_base, parse_state(state))
-        return result.to_dict()
-
     app.include_router(router)
+    app.include_router(target_router(TargetOps(manager), ERRORS))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
