@@ -17,7 +17,7 @@ from target.model import parse_state
 
 
 class RestoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     timeout: float = Field(120.0, ge=0, le=3600, description="seconds to wait for late devices and addresses")
 
 

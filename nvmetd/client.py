@@ -76,7 +76,8 @@ def request(sock: Path, method: str, segments: tuple[str, ...], body: Any = None
         resp = conn.getresponse()
         raw = resp.read()
     except OSError as exc:
-        raise Unreachable(f"cannot reach nvmetd at {sock}: {exc.strerror or exc}") from None
+        raise Unreachable(f"nvmetd is not running (nothing answers on {sock}: {exc.strerror or exc}); start "
+                          "it, or use --offline for the target commands") from None
     finally:
         conn.close()
     try:
