@@ -175,11 +175,12 @@ def create_app(manager: Manager) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_message(exc))
 
+    # A kernel feature this host lacks (FeatureError) is a 409 like Unsupported: asking again will not help.
     # Refusals by kind: Starlette picks the handler of the most specific class (MRO), so Unsupported (a
     # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
     refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
                                             SystemProblem: 503, NotFoundError: 404, BackendError: 409,
-                                            FeatureError: 503, ConfigfsError: 503}
+                                            FeatureError: 409, ConfigfsError: 503}
     for kind, status in refusals.items():
         async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return _error(status, str(exc))
