@@ -13,7 +13,6 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from nvmetd.target_ops import TargetOps
-from target.model import parse_state
 
 
 class RestoreRequest(BaseModel):
@@ -27,12 +26,12 @@ def target_router(ops: TargetOps, responses: dict[int | str, dict[str, Any]]) ->
     @router.put("/v1/target")
     async def put_target(state: dict[str, Any]) -> dict[str, Any]:
         """Make `state` (nvmetd target JSON) the declared tree and apply it."""
-        return await run_in_threadpool(lambda: ops.apply(parse_state(state)))
+        return await run_in_threadpool(ops.apply, state)
 
     @router.post("/v1/target/plan")
     async def plan_target(state: dict[str, Any]) -> dict[str, Any]:
         """What applying `state` would change (nothing is written)."""
-        return await run_in_threadpool(lambda: ops.plan(parse_state(state)))
+        return await run_in_threadpool(ops.plan, state)
 
     @router.get("/v1/target/drift")
     async def drift() -> dict[str, Any]:

@@ -63,14 +63,19 @@ class Context:
             raise SystemExit(_fail(str(exc), code)) from None
 
     def target(self, command: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
-        """A target command: through nvmetd (the one writer), or with --offline in this process."""
+        """A target command: through nvmetd (the one writer), or with --offline in this process. Warnings of the
+        validation (names that are not NQNs of the spec's form) go to stderr."""
         if self.offline:
             from nvmetd import offline
 
-            return offline.run(self.state_path, self.socket, self.configfs_root, self.pools_root, command, body,
-                               query)
-        method, path = TARGET_API[command]
-        return self.call(method, path, body, query)
+            result = offline.run(self.state_path, self.socket, self.configfs_root, self.pools_root, command, body,
+                                 query)
+        else:
+            method, path = TARGET_API[command]
+            result = self.call(method, path, body, query)
+        for warning in result.get("warnings", []) if isinstance(result, dict) else []:
+            click.echo(f"nvmetctl: warning: {warning}", err=True)
+        return result
 
     def emit(self, data: Any, text: str) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text)
@@ -462,6 +467,58 @@ def disk_list(obj: Context) -> None:
 def disk_show(obj: Context, name: str) -> None:
     result = obj.call("GET", ("v1", "disks", name))
     obj.emit(result, _kv(result))
+
+
+@cli.group()
+def pool() -> None:
+    """Create, list, show and destroy the pools disks live in."""
+
+
+@pool.command("create")
+@click.argument("name")
+@click.argument("devices", nargs=-1)
+@click.option("--kind", type=click.Choice(["file", "lvm", "zfs", "nullblk"]), required=True,
+              help="file: DEVICES is one empty directory; lvm, zfs: block devices; nullblk: none (RAM)")
+@click.option("--fill-threshold", type=click.FloatRange(0, 100, min_open=True), default=90.0, show_default=True,
+              help="percent full at which new allocations are refused")
+@click.option("--capacity", help="file, nullblk: a budget, e.g. 10G")
+@click.option("--thin-pool-percent", type=click.IntRange(1, 95), help="lvm: the VG's share for thin LVs")
+@click.pass_obj
+def pool_create(obj: Context, name: str, devices: tuple[str, ...], kind: str, fill_threshold: float,
+                capacity: str | None, thin_pool_percent: int | None) -> None:
+    body: dict[str, Any] = {"name": name, "kind": kind, "devices": [os.path.abspath(d) for d in devices],
+                            "fill_threshold": fill_threshold}
+    if capacity is not None:
+        body["capacity"] = capacity
+    if thin_pool_percent is not None:
+        body["thin_pool_percent"] = thin_pool_percent
+    result = obj.call("POST", ("v1", "pools"), body)
+    obj.emit(result, _kv(result))
+
+
+@pool.command("list")
+@click.pass_obj
+def pool_list(obj: Context) -> None:
+    pools = obj.call("GET", ("v1", "pools"))
+    rows = [f"{p['name']:16} {p['kind']:8} {p['fill_percent']:>6}% {p['volumes']:>7}  {','.join(p['disks']) or '-'}"
+            for p in pools]
+    obj.emit(pools, "\n".join([f"{'NAME':16} {'KIND':8} {'FULL':>7} {'VOLUMES':>7}  DISKS", *rows]))
+
+
+@pool.command("show")
+@click.argument("name")
+@click.pass_obj
+def pool_show(obj: Context, name: str) -> None:
+    result = obj.call("GET", ("v1", "pools", name))
+    obj.emit(result, _kv(result))
+
+
+@pool.command("destroy")
+@click.argument("name")
+@click.pass_obj
+def pool_destroy(obj: Context, name: str) -> None:
+    """Destroy a pool that holds no disks."""
+    obj.emit(obj.call("DELETE", ("v1", "pools", name)), f"destroyed pool {name}")
 
 
 @cli.group()

@@ -39,13 +39,11 @@ def session(state: Path, socket: Path, configfs: Path, pools_root: Path | None) 
 def run(state: Path, socket: Path, configfs: Path, pools_root: Path | None, command: str, body: Any = None,
         query: dict[str, Any] | None = None) -> Any:
     """One target command, named as the CLI names it, with the API's body and query."""
-    from target.model import parse_state
-
     query = query or {}
     with session(state, socket, configfs, pools_root) as ops:
         commands = {
-            "apply": lambda: ops.apply(parse_state(body)),
-            "plan": lambda: ops.plan(parse_state(body)),
+            "apply": lambda: ops.apply(body),
+            "plan": lambda: ops.plan(body),
             "drift": ops.drift,
             "repair": ops.repair,
             "restore": lambda: ops.restore(float(body["timeout"])),

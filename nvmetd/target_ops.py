@@ -58,11 +58,12 @@ class TargetOps:
         declared = parse_state(doc.get("target", {})) if base is None else base
         return compose(declared, self.manager._vms(doc), self._peek_devices(doc), self.manager._ports(doc))
 
-    def plan(self, state: TargetState) -> dict[str, Any]:
+    def plan(self, doc: dict[str, Any]) -> dict[str, Any]:
+        state, warnings = _parse(parse_state, doc)
         _check_reserved(state)
         cfs = self._cfs()
         require(state, cfs)
-        return {"changes": diff(self.desired(state), cfs)}
+        return _with(warnings, {"changes": diff(self.desired(state), cfs)})
 
     def drift(self) -> dict[str, Any]:
         return {"drift": diff(self.desired(), self._cfs())}
@@ -95,19 +96,23 @@ class TargetOps:
         return {"config": data, "secrets_omitted": omitted}
 
     # ------------------------------------------------------------------ changes (nvmetd's lock, the store's lock)
-    def apply(self, state: TargetState) -> dict[str, Any]:
+    def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
+        state, warnings = _parse(parse_state, doc)
+        return _with(warnings, self._apply(state))
+
+    def _apply(self, state: TargetState) -> dict[str, Any]:
         _check_reserved(state)
         require(state, self._cfs())
         return self.manager.apply_base(state).to_dict()
 
     def import_nvmetcli(self, config: dict[str, Any], apply: bool = True) -> dict[str, Any]:
-        state = import_config(config)
+        state, warnings = _parse(import_config, config)
         if apply:
-            return self.apply(state)
+            return _with(warnings, self._apply(state))
         _check_reserved(state)
         with self.manager.lock, self.manager.store.transaction() as doc:
             set_target(doc, state)
-        return {"imported": True, "subsystems": len(state.subsystems)}
+        return _with(warnings, {"imported": True, "subsystems": len(state.subsystems)})
 
     def repair(self) -> dict[str, Any]:
         self._cfs()
@@ -116,6 +121,19 @@ class TargetOps:
     def restore(self, timeout: float) -> dict[str, Any]:
         """Boot-time restore: apply what is ready, wait up to `timeout` for late devices and addresses."""
         return self.manager.reconcile(wait=timeout).to_dict()
+
+
+def _parse(parse: Any, doc: Any) -> tuple[TargetState, list[str]]:
+    """Parse a document, with the warnings of its validation (names the kernel takes that are not NQNs)."""
+    from target.validate import collect_warnings
+
+    with collect_warnings() as warnings:
+        state = parse(doc)
+    return state, warnings
+
+
+def _with(warnings: list[str], result: dict[str, Any]) -> dict[str, Any]:
+    return {**result, "warnings": warnings} if warnings else result
 
 
 def _check_reserved(state: TargetState) -> None:

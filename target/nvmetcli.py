@@ -64,8 +64,9 @@ def import_config(config: dict[str, Any]) -> TargetState:
                 "buffered_io": _bool(n.get("buffered_io", 0)),
                 "resv_enable": None if resv is None else _bool(resv),
             })
-        for p in s.get("passthru", [])[:1]:
-            sub["passthru"] = {"device_path": p.get("device", {}).get("path"), "enable": _bool(p.get("enable", 1)),
+        for p in _passthru(s.get("passthru"))[:1]:
+            sub["passthru"] = {"device_path": (p.get("device") or {}).get("path", p.get("device_path")),
+                               "enable": _bool(p.get("enable", 1)),
                                "admin_timeout": _int(p.get("admin_timeout")), "io_timeout": _int(p.get("io_timeout")),
                                "clear_ids": None if p.get("clear_ids") is None else _bool(p["clear_ids"])}
         subsystems.append(sub)
@@ -91,6 +92,15 @@ def import_config(config: dict[str, Any]) -> TargetState:
         })
     discovery = config.get("discovery", {}).get("nqn")
     return parse_state({"discovery_nqn": discovery, "hosts": hosts, "subsystems": subsystems, "ports": ports})
+
+
+def _passthru(value: Any) -> list[dict[str, Any]]:
+    """A subsystem's passthru entries that name a device. nvmetcli saves `"passthru": [{"device": {"path":
+    "(null)"}, "enable": 0, ...}]` for every subsystem of a kernel built with passthru (6.12: what configfs shows
+    when no device is set), which means no passthru; a lone object instead of a list is taken as one entry."""
+    entries = [value] if isinstance(value, dict) else list(value or [])
+    return [p for p in entries if isinstance(p, dict)
+            and _none_if((p.get("device") or {}).get("path", p.get("device_path")), "(null)", "") is not None]
 
 
 def _s(value: Any) -> str:

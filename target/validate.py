@@ -7,10 +7,14 @@ the kernel would silently truncate is refused here, with the field named, before
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import ipaddress
+import logging
 import re
 import uuid
 import zlib
+from collections.abc import Iterator
 
 NQN_MAX_BYTES = 223
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
@@ -22,6 +26,29 @@ _FC_ADDR_RE = re.compile(r"nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}")
 _DHCHAP_RE = re.compile(r"DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):")
 _DHCHAP_LENGTHS = {0: (32, 48, 64), 1: (32,), 2: (48,), 3: (64,)}
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# what the kernel takes as a subsystem or host directory name that is not of the spec's form (nvmetcli's examples
+# use `testnqn` and `hostnqn`): printable ASCII, no space, no '/', no '..', not starting with '.' or '-'
+_KERNEL_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+=,-]*", re.ASCII)
+_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("validate_warnings", default=None)
+log = logging.getLogger("target.validate")
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """The warnings of the validation run inside (accepted values that a person should look at)."""
+    found: list[str] = []
+    token = _warnings.set(found)
+    try:
+        yield found
+    finally:
+        _warnings.reset(token)
+
+
+def _warn(message: str) -> None:
+    found = _warnings.get()
+    if found is not None and message not in found:
+        found.append(message)
+    log.info("%s", message)
 
 
 def nqn(value: str) -> str:
@@ -42,6 +69,12 @@ def nqn(value: str) -> str:
             raise ValueError(f"{value!r} has the uuid form but no UUID (8-4-4-4-12 hex digits) after it")
         return value
     match = _NQN_RE.fullmatch(value)
+    if match is None and not value.startswith("nqn.") and _KERNEL_NAME_RE.fullmatch(value) and ".." not in value:
+        # the kernel takes it, and nvmetcli files in the field have such names: accepted, with a warning. A name
+        # that starts like an NQN (nvmetd's own VM NQNs among them) must be of the spec's form.
+        _warn(f"{value!r} is not an NQN of the spec's form (nqn.yyyy-mm.reverse.domain[:name]); accepted, as the "
+              "kernel accepts it, but hosts that check NQNs may refuse it")
+        return value
     if match is None or "\x00" in value or not value.isprintable():
         raise ValueError(f"{value!r} is not an NQN (expected nqn.yyyy-mm.reverse.domain[:name])")
     month = int(match.group(2))
