@@ -92,8 +92,16 @@ class TargetOps:
                 omitted += len(secret)
                 hosts.append(h.model_copy(update=secret))
             state = state.model_copy(update={"hosts": hosts})
-        data = export_config(state) if nvmetcli else state.canonical().model_dump(mode="json", exclude_none=True)
+        if nvmetcli:
+            data = export_config(state, passthru_placeholder=self._kernel_has_passthru())
+        else:
+            data = state.canonical().model_dump(mode="json", exclude_none=True)
         return {"config": data, "secrets_omitted": omitted}
+
+    def _kernel_has_passthru(self) -> bool:
+        """Whether live subsystems have a passthru directory (read only: no probe subsystem is made)."""
+        cfs = self.manager.cfs
+        return cfs.exists() and any(cfs.isdir(f"subsystems/{s}/passthru") for s in cfs.listdir("subsystems"))
 
     # ------------------------------------------------------------------ changes (nvmetd's lock, the store's lock)
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:

@@ -109,8 +109,15 @@ def _s(value: Any) -> str:
     return str(value)
 
 
-def export_config(state: TargetState) -> dict[str, Any]:
-    """The nvmetcli JSON for `state` (keys sorted the way nvmetcli's `json.dumps(sort_keys=True)` writes them)."""
+# what nvmetcli's save writes for a subsystem without passthru on a kernel built with it (6.12, seen in the rig)
+NO_PASSTHRU = {"admin_timeout": 0, "clear_ids": 0, "device": {"path": "(null)"}, "io_timeout": 0}
+
+
+def export_config(state: TargetState, passthru_placeholder: bool = False) -> dict[str, Any]:
+    """The nvmetcli JSON for `state` (keys sorted the way nvmetcli's `json.dumps(sort_keys=True)` writes them).
+
+    `passthru_placeholder`: the kernel has a passthru directory in every subsystem, so write what nvmetcli's save
+    writes there when none is set, and the export is the very file nvmetcli would save."""
     out: dict[str, Any] = {}
     if state.discovery_nqn is not None:
         out["discovery"] = {"nqn": state.discovery_nqn}
@@ -156,5 +163,7 @@ def export_config(state: TargetState) -> dict[str, Any]:
             sub["passthru"] = [{"admin_timeout": pt.admin_timeout or 0, "clear_ids": int(bool(pt.clear_ids)),
                                 "device": {"path": pt.device_path}, "enable": int(pt.enable),
                                 "io_timeout": pt.io_timeout or 0}]
+        elif passthru_placeholder:
+            sub["passthru"] = [dict(NO_PASSTHRU, device=dict(NO_PASSTHRU["device"]))]
         out["subsystems"].append(sub)
     return out
