@@ -1,6 +1,7 @@
 """nvmetd is the one writer of configfs and of the store: `nvmetctl apply` while it runs goes through its API (the
 CLI process opens neither), `--offline` is refused while it serves and works once it is stopped. Also the CLI
-forms of #16: `--json` after the subcommand, and `export` without DH-CHAP keys unless --with-secrets."""
+forms of #16 on the same daemon: `--json` after the subcommand, `nvmetctl pool ...`, and `export` without DH-CHAP
+keys unless --with-secrets."""
 
 from __future__ import annotations
 
@@ -83,6 +84,21 @@ def test_apply_goes_through_nvmetd_and_offline_waits_for_it_to_stop(cfs: ConfigF
         assert status["desired"]["namespaces"] == 1 and status["drift"] == 0
         assert json.loads(daemon.ctl("diff", "--json").stdout) == {"drift": []}
         assert json.loads(daemon.ctl("disk", "list", "--json").stdout) == []
+
+        # pools through the API: create, list, show; a pool holding a disk is not destroyed
+        pool_dir = scratch / "pool2"
+        pool_dir.mkdir()
+        created = json.loads(daemon.ctl("pool", "create", "p2", "--kind", "file", str(pool_dir), "--json").stdout)
+        assert created["name"] == "p2" and created["kind"] == "file"
+        assert {p["name"] for p in json.loads(daemon.ctl("pool", "list", "--json").stdout)} == {"files", "p2"}
+        daemon.ctl("disk", "create", "d-p2", "--pool", "p2", "--size", "4M")
+        assert json.loads(daemon.ctl("pool", "show", "p2", "--json").stdout)["disks"] == ["d-p2"]
+        refused = daemon.ctl("pool", "destroy", "p2", check=False)
+        assert refused.returncode == 2 and "holds disks d-p2" in refused.stderr
+        daemon.ctl("disk", "delete", "d-p2")
+        daemon.ctl("pool", "destroy", "p2")
+        assert "p2" not in {p["name"] for p in json.loads(daemon.ctl("pool", "list", "--json").stdout)}
+        assert daemon.ctl("pool", "create", "p3", "--kind", "file", str(scratch), check=False).returncode == 2
 
         # export leaves the DH-CHAP key out and says so; --with-secrets -o writes it into a 0600 file
         plain = daemon.ctl("export", "--nvmetcli")
