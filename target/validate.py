@@ -69,12 +69,6 @@ def nqn(value: str) -> str:
             raise ValueError(f"{value!r} has the uuid form but no UUID (8-4-4-4-12 hex digits) after it")
         return value
     match = _NQN_RE.fullmatch(value)
-    if match is None and not value.startswith("nqn.") and _KERNEL_NAME_RE.fullmatch(value) and ".." not in value:
-        # the kernel takes it, and nvmetcli files in the field have such names: accepted, with a warning. A name
-        # that starts like an NQN (nvmetd's own VM NQNs among them) must be of the spec's form.
-        _warn(f"{value!r} is not an NQN of the spec's form (nqn.yyyy-mm.reverse.domain[:name]); accepted, as the "
-              "kernel accepts it, but hosts that check NQNs may refuse it")
-        return value
     if match is None or "\x00" in value or not value.isprintable():
         raise ValueError(f"{value!r} is not an NQN (expected nqn.yyyy-mm.reverse.domain[:name])")
     month = int(match.group(2))
@@ -92,6 +86,21 @@ def _text(value: object, what: str) -> str:
         value.encode()
     except UnicodeEncodeError:
         raise ValueError(f"{value!r} is not valid text for {what} (lone UTF-16 surrogate)") from None
+    return value
+
+
+def kernel_nqn(value: str) -> str:
+    """A subsystem or host name in a declared tree: an NQN (see `nqn`), or a name the kernel takes that is not of
+    the spec's form (nvmetcli's examples use `testnqn` and `hostnqn`, and files in the field follow them): accepted
+    with a warning. A name that starts like an NQN must be one, and nvmetd's own VM NQNs are checked with `nqn`."""
+    try:
+        return nqn(value)
+    except ValueError:
+        if (value.startswith("nqn.") or not _KERNEL_NAME_RE.fullmatch(value) or ".." in value
+                or len(value) > NQN_MAX_BYTES):
+            raise
+    _warn(f"{value!r} is not an NQN of the spec's form (nqn.yyyy-mm.reverse.domain[:name]); accepted, as the "
+          "kernel accepts it, but hosts that check NQNs may refuse it")
     return value
 
 

@@ -105,4 +105,6 @@ def test_nvmetcli_saves_and_examples_parse_passthru_null_is_none() -> None:
         if path.name.startswith("save-"):
             assert export_config(state, passthru_placeholder=True) == config
     with pytest.raises(ValueError, match="not an NQN"):
-        validate.nqn("nqn.testnqn")
+        validate.kernel_nqn("nqn.testnqn")  # starts like an NQN: must be one
+    with pytest.raises(ValueError, match="not an NQN"):
+        validate.nqn("testnqn")  # nvmetd's own NQNs (the VMs') are checked strictly
