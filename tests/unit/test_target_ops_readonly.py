@@ -28,7 +28,7 @@ def test_read_only_commands_open_no_volume(tmp_path: Path, monkeypatch: pytest.M
     device = next(iter(manager.effective(manager.store.load()).subsystems)).namespaces[0].device_path
 
     opened: list[str] = []
-    monkeypatch.setattr(Backend, "attach", lambda self, name: opened.append(name) or "")
+    monkeypatch.setattr(Backend, "attach", lambda self, name: opened.append(name) or f"/dev/opened/{name}")
     changes_before = manager.cfs.counters.changes
     assert ops.drift() == {"drift": []}
     status = ops.status()
