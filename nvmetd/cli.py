@@ -126,7 +126,7 @@ class _Group(click.Group):
     that no other command needs, so `--help` lists it without importing it."""
 
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
-        "bench": ("nvmetd.bench.cli", "bench", "Run the fio matrix per backend x transport (see bench --help)."),
+        "bench": ("bench.matrix.cli", "bench", "Run the fio matrix per backend x transport (see bench --help)."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
