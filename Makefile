@@ -3,7 +3,7 @@ STAMP := .venv/.setup-done
 # `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
 DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach lint clean
+.PHONY: setup demo test bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -48,6 +48,10 @@ bench-backends: $(STAMP)
 BENCH_ATTACH_ARGS ?=
 bench-attach: $(STAMP)
 	.venv/bin/python -m rig --memory 4G --timeout 7200 -- .venv/bin/python -m bench.attach $(BENCH_ATTACH_ARGS)
+
+# nvmetctl start-up and an attach round trip with 1,000 VMs on a fake configfs tree (host, no kernel)
+bench-cli: $(STAMP)
+	.venv/bin/python -m bench.cli_startup $(BENCH_CLI_ARGS)
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

@@ -18,11 +18,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from backends.errors import BackendError, NotFoundError
+from nvmetd import pool_ops
+from nvmetd.api_target import target_router
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
+from nvmetd.target_ops import TargetOps
 from target import validate
-from target.model import StateError, parse_state
+from target.configfs import ConfigfsError
+from target.features import FeatureError
+from target.model import StateError
 
 log = logging.getLogger("nvmetd.api")
 
@@ -85,6 +90,8 @@ VmUuid = Annotated[str | None, AfterValidator(_uuid)]
 
 DiskPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 64)),
                      AfterValidator(_backend_rule("disk name"))]
+PoolPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 32)),
+                     AfterValidator(_backend_rule("pool name", 32))]
 VmPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VM_PATTERN, 64)), AfterValidator(_vm_name)]
 
 
@@ -122,6 +129,17 @@ class AttachRequest(_Request):
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
                                "include the shared memory backend vhost-user needs")
+
+
+class PoolCreate(_Request):
+    name: PoolName
+    kind: Literal["file", "lvm", "zfs", "nullblk"]
+    devices: list[Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")]] = Field(
+        default_factory=list, max_length=16, description="file: one existing, empty directory; lvm, zfs: block "
+        "devices; nullblk: none")
+    fill_threshold: float = Field(90.0, gt=0, le=100, description="percent full at which new allocations stop")
+    capacity: Size | None = Field(None, description="file, nullblk: a budget (10G)")
+    thin_pool_percent: StrictInt | None = Field(None, ge=1, le=95, description="lvm: the VG's share for thin LVs")
 
 
 class ErrorBody(BaseModel):
@@ -171,10 +189,12 @@ def create_app(manager: Manager) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_message(exc))
 
+    # A kernel feature this host lacks (FeatureError) is a 409 like Unsupported: asking again will not help.
     # Refusals by kind: Starlette picks the handler of the most specific class (MRO), so Unsupported (a
     # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
     refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
-                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409}
+                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409,
+                                            FeatureError: 409, ConfigfsError: 503}
     for kind, status in refusals.items():
         async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return _error(status, str(exc))
@@ -253,17 +273,36 @@ def create_app(manager: Manager) -> FastAPI:
     async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
 
+    @router.get("/v1/pools")
+    async def list_pools() -> list[dict[str, Any]]:
+        return await run_in_threadpool(pool_ops.list_pools, manager)
+
+    @router.post("/v1/pools")
+    async def create_pool(req: PoolCreate) -> dict[str, Any]:
+        from backends import names
+
+        options = {k: v for k in ("capacity", "thin_pool_percent") if (v := getattr(req, k)) is not None}
+        if "capacity" in options:
+            options["capacity"] = names.size(options["capacity"], "capacity")
+        return await run_in_threadpool(pool_ops.create_pool, manager, req.kind, req.name, req.devices,
+                                       req.fill_threshold, options)
+
+    @router.get("/v1/pools/{name}")
+    async def show_pool(name: PoolPath) -> dict[str, Any]:
+        return await run_in_threadpool(pool_ops.pool_info, manager, name)
+
+    @router.delete("/v1/pools/{name}")
+    async def destroy_pool(name: PoolPath) -> dict[str, Any]:
+        """Only a pool without disks (delete them first); its volumes' data is never destroyed here."""
+        return await run_in_threadpool(pool_ops.destroy_pool, manager, name)
+
     @router.post("/v1/reconcile")
     async def reconcile() -> dict[str, Any]:
         result = await run_in_threadpool(manager.reconcile)
         return result.to_dict()
 
-    @router.put("/v1/target")
-    async def put_target(state: dict[str, Any]) -> dict[str, Any]:
-        result = await run_in_threadpool(manager.apply_base, parse_state(state))
-        return result.to_dict()
-
     app.include_router(router)
+    app.include_router(target_router(TargetOps(manager), ERRORS))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -203,7 +203,8 @@ class Service:
 
         self.apply_config()
         group = self.args.socket_group or self.config.get("socket_group")
-        sock = bind_socket(self.args.socket, group)
+        with self.manager.store.locked():  # `nvmetctl --offline` checks the socket under this lock
+            sock = bind_socket(self.args.socket, group)
         reconciler = threading.Thread(target=self.reconcile_loop, name="reconcile", daemon=True)
         reconciler.start()
         threading.Thread(target=self.watchdog_loop, args=(reconciler,), name="watchdog", daemon=True).start()

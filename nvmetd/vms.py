@@ -69,11 +69,11 @@ class Vm(BaseModel):
 
     @property
     def hostnqn(self) -> str:
-        return vm_hostnqn(self.uuid)
+        return validate.nqn(vm_hostnqn(self.uuid))  # nvmetd's own NQNs: the spec's form, strictly
 
     @property
     def subnqn(self) -> str:
-        return vm_subsystem(self.uuid)
+        return validate.nqn(vm_subsystem(self.uuid))
 
     @property
     def vhost_hostnqn(self) -> str:

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from target import validate
 
-Nqn = Annotated[str, AfterValidator(validate.nqn)]
+Nqn = Annotated[str, AfterValidator(validate.kernel_nqn)]
 Uuid = Annotated[str, AfterValidator(validate.uuid_str)]
 DevicePath = Annotated[str, AfterValidator(validate.device_path)]
 DhchapKey = Annotated[str, AfterValidator(validate.dhchap_key)]

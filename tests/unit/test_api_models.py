@@ -40,9 +40,16 @@ VALID: dict[type[BaseModel], st.SearchStrategy[dict[str, Any]]] = {
     api.AttachRequest: st.fixed_dictionaries({}, optional={
         "transport": st.sampled_from(["auto", "tcp", "loop", "rdma", "vhost"]),
         "vm_uuid": st.one_of(st.none(), st.uuids().map(str))}),
+    api.PoolCreate: st.fixed_dictionaries(
+        {"name": volume_names(32), "kind": st.sampled_from(["file", "lvm", "zfs", "nullblk"])},
+        optional={"devices": st.lists(st.text(string.ascii_letters + "/._-", min_size=1, max_size=30).map(
+                      lambda t: "/" + t), max_size=4),
+                  "fill_threshold": st.floats(0.5, 100), "capacity": sizes,
+                  "thin_pool_percent": st.integers(1, 95)}),
 }
-NAME_FIELDS = {api.DiskCreate: ["name", "pool", "tenant"], api.Snapshot: ["snapshot"], api.Clone: ["snapshot", "name"]}
-ALL_MODELS = [api.DiskCreate, api.DiskResize, api.Snapshot, api.Clone, api.AttachRequest]
+NAME_FIELDS = {api.DiskCreate: ["name", "pool", "tenant"], api.Snapshot: ["snapshot"], api.Clone: ["snapshot", "name"],
+               api.PoolCreate: ["name"]}
+ALL_MODELS = [api.DiskCreate, api.DiskResize, api.Snapshot, api.Clone, api.AttachRequest, api.PoolCreate]
 
 
 def test_every_request_model_is_covered() -> None:
