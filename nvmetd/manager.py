@@ -15,6 +15,7 @@ from typing import Any
 
 from nvmetd import initiator
 from nvmetd.errors import SystemProblem, Unsupported, UserError
+from nvmetd.opi import state as opi_state
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
@@ -99,12 +100,19 @@ class Manager:
             for disk in vm.attachments:
                 if disk not in devices:
                     devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
+            if disk not in devices:
+                devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
         return devices
+
+    def devices(self, doc: dict[str, Any]) -> dict[str, str]:
+        return self._devices(doc)
 
     def effective(self, doc: dict[str, Any], devices: dict[str, str] | None = None) -> TargetState:
         """The tree the kernel should hold."""
         devices = self._devices(doc) if devices is None else devices
-        return compose(parse_state(doc.get("target", {})), self._vms(doc), devices, self._ports(doc))
+        return opi_state.merge(compose(parse_state(doc.get("target", {})), self._vms(doc), devices,
+                                       self._ports(doc)), doc, devices)
 
     def engine_specs(self, doc: dict[str, Any], devices: dict[str, str]) -> list[EngineSpec]:
         specs = []
@@ -113,11 +121,15 @@ class Manager:
                           if a.transport == "vhost"}
             if namespaces:
                 specs.append(EngineSpec(vm, namespaces))
-        return specs
+        return specs + opi_state.engine_specs(doc, devices)
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
         with self.lock:
             doc = self.store.load()
+            if doc.get("opi", {}).get("remote_controllers"):
+                from nvmetd.opi.remote import reconnect_all
+
+                reconnect_all(doc)  # the OPI backend paths whose namespaces back OPI namespaces
             devices = self._devices(doc)
             state = self.effective(doc, devices)
             if not self.cfs.exists() and state == TargetState():
@@ -132,7 +144,7 @@ class Manager:
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
-        attached = {d for vm in self._vms(doc).values() for d in vm.attachments}
+        attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
         for disk, entry in doc.get("disks", {}).items():
             if disk not in attached and entry.get("state", "ready") == "ready":
                 pool = self._pool(entry["pool"])
@@ -196,6 +208,7 @@ class Manager:
             with self.store.transaction() as doc:
                 pool = self._disk_pool(doc, name)
                 users = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
+                users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
                 doc["disks"][name]["state"] = "deleting"
@@ -284,6 +297,8 @@ class Manager:
                 for other in self._vms(doc).values():
                     if other.name != vm_name and disk in other.attachments:
                         raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
+                if disk in opi_state.disks(doc):
+                    raise UserError(f"disk {disk!r} is the volume of {opi_state.disks(doc)[disk][0]} (OPI API)")
                 current = vm.attachments.get(disk)
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "

@@ -75,6 +75,19 @@ def load_config(path: Path) -> dict[str, Any]:
         except ValidationError as exc:
             raise ValueError(f"{path}: " + "; ".join(
                 "vhost" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+    opi = config.get("opi")
+    if opi is not None:
+        from nvmetd.opi.server import OpiConfig
+
+        if not isinstance(opi, dict):
+            raise ValueError(f"{path}: [opi] must be a table")
+        try:
+            config["opi"] = OpiConfig.model_validate(opi).check().model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "opi" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return config
 
 
@@ -183,6 +196,17 @@ class Service:
         self.reload.set()
         self.wake.set()
 
+    def start_opi(self) -> Any:
+        """The OPI storage API (gRPC, nvmetd/opi/) on the same Manager: one state, two APIs."""
+        from nvmetd.opi.server import OpiConfig, build
+
+        config = OpiConfig.model_validate(self.config.get("opi", {}))
+        socket_path = self.args.opi_socket or Path(config.socket or str(self.args.socket.parent / "opi.sock"))
+        opi = build(self.manager, socket_path, config)
+        opi.start()
+        log.info("OPI storage API on %s%s", socket_path, f" and {config.tcp} (mutual TLS)" if config.tcp else "")
+        return opi
+
     def run(self) -> int:
         import uvicorn
 
@@ -205,9 +229,11 @@ class Service:
             log.info("serving on %s", self.args.socket)
 
         threading.Thread(target=ready, daemon=True).start()
+        opi = self.start_opi()
         try:
             server.run(sockets=[sock])
         finally:
+            opi.stop(grace=2)
             self.stop.set()
             self.wake.set()
             self.notifier.notify("STOPPING=1")
@@ -230,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait at start for late devices and addresses")
     parser.add_argument("--no-host-connect", action="store_true",
                         help="never connect loop attachments on this host (return parameters only)")
+    parser.add_argument("--opi-socket", type=Path, default=None,
+                        help="the OPI storage API's Unix socket (default: opi.sock beside --socket)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)
