@@ -109,20 +109,27 @@ class Service:
                 opi = opi_state.load(doc)
                 result = mutate(doc, opi)
                 opi_state.store(doc, opi)
-            applied = self.manager.reconcile()
+            try:
+                applied = self.manager.reconcile()
+            except BaseException:
+                self._put_back(before)
+                raise
             keys = needles(result)
             bad = [s for k, s in applied.objects.items()
                    if s.status in ("failed", "pending", "skipped") and any(n in k for n in keys)]
             if bad:
-                with self.manager.store.transaction() as doc:
-                    if before is None:
-                        doc.pop("opi", None)
-                    else:
-                        doc["opi"] = before
-                self.manager.reconcile()
+                self._put_back(before)
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "the kernel refused it: " + "; ".join(
                     f"{s.label}: {s.reason or s.status}" for s in bad[:3]))
             return result
+
+    def _put_back(self, before: Any) -> None:
+        with self.manager.store.transaction() as doc:
+            if before is None:
+                doc.pop("opi", None)
+            else:
+                doc["opi"] = before
+        self.manager.reconcile()
 
 
 def abort_unavailable(context: grpc.ServicerContext, exc: Exception) -> NoReturn:

@@ -205,7 +205,7 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
         else:
             spec.fabrics_id.CopyFrom(common.FabricsEndpoint(traddr=ctrl.traddr, trsvcid=ctrl.trsvcid,
                                                             adrfam=ADRFAM_ENUM[ctrl.adrfam]))
-            active = self.manager.cfs.exists(f"ports/{ctrl.port_id}")
+            active = self.manager.cfs.isdir(f"ports/{ctrl.port_id}")
         return pb.NvmeController(name=f"{SUBS}/{sid}/nvmeControllers/{cid}", spec=spec,
                                  status=pb.NvmeControllerStatus(active=active))
 
@@ -303,9 +303,9 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
 
     def _namespace_msg(self, sid: str, nid: str, ns: opi_state.OpiNamespace) -> Any:
         sub = self.state().subsystems[sid]
-        live = self.manager.cfs.exists(f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}")
-        enabled = live and self.manager.cfs.read(f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}",
-                                                 "enable").strip() == "1"
+        live = self.manager.cfs.isdir(f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}")
+        enabled = live and (self.manager.cfs.read(f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}",
+                                                  "enable") or "").strip() == "1"
         return pb.NvmeNamespace(
             name=f"{SUBS}/{sid}/nvmeNamespaces/{nid}",
             spec=pb.NvmeNamespaceSpec(host_nsid=ns.host_nsid, volume_name_ref=ns.volume, uuid=ns.uuid or "",

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from target import validate
-from target.model import Namespace, Port, Subsystem, TargetState
+from target.model import Host, Namespace, Port, Subsystem, TargetState
 
 # AIP-122 resource ids: lower-case letters, digits and '-', starting with a letter, at most 63 characters.
 ID_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
@@ -185,6 +185,8 @@ def merge(state: TargetState, doc: dict[str, Any], devices: dict[str, str]) -> T
                                         device_uuid=ns.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL,
                                                                                  f"opi/{sid}/{ns.host_nsid}")),
                                         device_nguid=ns.nguid).model_dump())
+        if sub.hostnqn and all(h["nqn"] != sub.hostnqn for h in data["hosts"]):
+            data["hosts"].append(Host(nqn=sub.hostnqn).model_dump())
         data["subsystems"].append(Subsystem(
             nqn=sub.nqn, allowed_hosts=[sub.hostnqn] if sub.hostnqn else [], model=sub.model or None,
             serial=sub.serial or None, namespaces=namespaces).model_dump())
