@@ -185,17 +185,18 @@ def _ns(parent: str, volume: str, nid: str = "", nsid: int = 0) -> fpb.CreateNvm
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 EXISTS = grpc.StatusCode.ALREADY_EXISTS
+IN_USE = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize(("what", "code"), [
     ("bad nqn", INVALID), ("reserved nqn", INVALID), ("traversal id", INVALID), ("upper-case id", INVALID),
     ("duplicate id", EXISTS), ("duplicate nqn", EXISTS), ("unknown get", NOT_FOUND), ("traversal get", INVALID),
     ("unknown delete", NOT_FOUND), ("unknown parent", NOT_FOUND), ("traversal parent", INVALID),
-    ("traversal volume", INVALID), ("unknown volume", NOT_FOUND), ("volume in use", grpc.StatusCode.FAILED_PRECONDITION),
+    ("traversal volume", INVALID), ("unknown volume", NOT_FOUND), ("volume in use", IN_USE),
     ("duplicate nsid", EXISTS), ("bad uuid", INVALID), ("unknown remote volume", NOT_FOUND),
     ("bad trtype", INVALID), ("bad traddr", INVALID), ("bad trsvcid", INVALID),
-    ("qos limit", grpc.StatusCode.FAILED_PRECONDITION), ("bad page token", INVALID),
-    ("unknown namespace", NOT_FOUND), ("unknown controller", NOT_FOUND), ("children", grpc.StatusCode.FAILED_PRECONDITION),
+    ("qos limit", IN_USE), ("bad page token", INVALID),
+    ("unknown namespace", NOT_FOUND), ("unknown controller", NOT_FOUND), ("children", IN_USE),
 ])
 def test_frontend_bad_requests_change_nothing(world: World, one_subsystem: str, what: str,
                                               code: grpc.StatusCode) -> None:
