@@ -181,7 +181,7 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
             ctrl = self.state().subsystems[ids[0]].controllers[ids[1]]
             if ctrl.trtype == "pcie":
                 return [f"vhost/{opi_state.pcie_uuid(ctrl.pcie_port, ctrl.pf, ctrl.vf)}"]
-            return [f"ports/{ctrl.port_id}"]
+            return [f"ports/{ctrl.port_id}", self.state().subsystems[ids[0]].nqn]
 
         def run() -> Any:
             sid, cid = self.change(mutate, needles)
@@ -278,11 +278,17 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
             return sid, nid
 
         def run() -> Any:
-            sid, nid = self.change(mutate, lambda ids: [f"{self.state().subsystems[ids[0]].nqn}/namespaces/"
-                                                        f"{self.state().subsystems[ids[0]].namespaces[ids[1]].host_nsid}"])
+            sid, nid = self.change(mutate, self._namespace_keys)
             return self._namespace_msg(sid, nid, self.state().subsystems[sid].namespaces[nid])
 
         return self.handle(context, run)
+
+    def _namespace_keys(self, ids: tuple[str, str]) -> list[str]:
+        """Where a new namespace shows up in the reconcile: nvmet's namespace and the subsystem's engines."""
+        sub = self.state().subsystems[ids[0]]
+        return [f"{sub.nqn}/namespaces/{sub.namespaces[ids[1]].host_nsid}"] + [
+            f"vhost/{opi_state.pcie_uuid(c.pcie_port, c.pf, c.vf)}" for c in sub.controllers.values()
+            if c.trtype == "pcie"]
 
     def _check_volume(self, doc: dict[str, Any], opi: opi_state.OpiState, volume: str) -> None:
         match = opi_state.REMOTE_NS_RE.fullmatch(volume)
@@ -303,9 +309,9 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
 
     def _namespace_msg(self, sid: str, nid: str, ns: opi_state.OpiNamespace) -> Any:
         sub = self.state().subsystems[sid]
-        live = self.manager.cfs.isdir(f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}")
-        enabled = live and (self.manager.cfs.read(f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}",
-                                                  "enable") or "").strip() == "1"
+        rel = f"subsystems/{sub.nqn}/namespaces/{ns.host_nsid}"
+        enabled = (self.manager.cfs.isdir(rel) and (self.manager.cfs.read(rel, "enable") or "").strip() == "1"
+                   ) or self._engine_serves(sub, ns.host_nsid)
         return pb.NvmeNamespace(
             name=f"{SUBS}/{sid}/nvmeNamespaces/{nid}",
             spec=pb.NvmeNamespaceSpec(host_nsid=ns.host_nsid, volume_name_ref=ns.volume, uuid=ns.uuid or "",
@@ -314,6 +320,17 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
                 state=pb.NvmeNamespaceStatus.STATE_ENABLED if enabled else pb.NvmeNamespaceStatus.STATE_DISABLED,
                 oper_state=pb.NvmeNamespaceStatus.OPER_STATE_ONLINE if enabled
                 else pb.NvmeNamespaceStatus.OPER_STATE_OFFLINE))
+
+    def _engine_serves(self, sub: opi_state.OpiSubsystem, nsid: int) -> bool:
+        from vhost_nvme.client import EngineClient
+
+        for ctrl in sub.controllers.values():
+            if ctrl.trtype == "pcie":
+                client = EngineClient(self.manager.vhost.run_dir
+                                      / f"{opi_state.pcie_uuid(ctrl.pcie_port, ctrl.pf, ctrl.vf)}.sock")
+                if client.alive() and nsid in client.namespaces():
+                    return True
+        return False
 
     def _namespace(self, name: str) -> tuple[str, str, opi_state.OpiNamespace]:
         sid, nid = parse(name, SUBS, "nvmeNamespaces")

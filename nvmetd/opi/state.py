@@ -178,6 +178,8 @@ def merge(state: TargetState, doc: dict[str, Any], devices: dict[str, str]) -> T
         return state
     data = state.model_dump()
     for sid, sub in sorted(opi.subsystems.items()):
+        if not in_kernel(sub):
+            continue
         namespaces = []
         for _nid, ns in sorted(sub.namespaces.items(), key=lambda kv: kv[1].host_nsid):
             path = remote_device(doc, ns.volume) if REMOTE_NS_RE.fullmatch(ns.volume) else devices[ns.volume]
@@ -202,6 +204,13 @@ def merge(state: TargetState, doc: dict[str, Any], devices: dict[str, str]) -> T
             if sub.nqn not in same["subsystems"]:
                 same["subsystems"].append(sub.nqn)
     return TargetState.model_validate(data)
+
+
+def in_kernel(sub: OpiSubsystem) -> bool:
+    """The kernel target holds an OPI subsystem only while it has a TCP/RDMA controller: without a port nobody
+    could reach it, and a PCIE function is served by the vhost-nvme engine. So a DPU's nvmetd whose functions are
+    all PCIE needs no nvmet of its own (in the one-kernel simulation it must not touch the host's tree)."""
+    return any(c.trtype != "pcie" for c in sub.controllers.values())
 
 
 def pcie_uuid(port: int, pf: int, vf: int) -> str:

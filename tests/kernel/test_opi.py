@@ -65,10 +65,10 @@ def test_opi_remote_path_reexported_end_to_end(daemon: Daemon, cfs: ConfigFS) ->
     front.CreateNvmeSubsystem(fpb.CreateNvmeSubsystemRequest(
         nvme_subsystem_id="storage", nvme_subsystem=fpb.NvmeSubsystem(spec=fpb.NvmeSubsystemSpec(
             nqn=STORAGE_NQN, hostnqn=DPU_HOST))))
+    front.CreateNvmeController(tcp_controller("nvmeSubsystems/storage", "tcp0", "4460"))
     front.CreateNvmeNamespace(fpb.CreateNvmeNamespaceRequest(
         parent="nvmeSubsystems/storage", nvme_namespace_id="store0",
         nvme_namespace=fpb.NvmeNamespace(spec=fpb.NvmeNamespaceSpec(volume_name_ref="store0", host_nsid=1))))
-    front.CreateNvmeController(tcp_controller("nvmeSubsystems/storage", "tcp0", "4460"))
     assert cfs.read(f"subsystems/{STORAGE_NQN}/namespaces/1", "enable").strip() == "1"
 
     # the backend path, through libnvme; a path to where nothing listens is refused and changes nothing
@@ -90,13 +90,13 @@ def test_opi_remote_path_reexported_end_to_end(daemon: Daemon, cfs: ConfigFS) ->
     front.CreateNvmeSubsystem(fpb.CreateNvmeSubsystemRequest(
         nvme_subsystem_id="front", nvme_subsystem=fpb.NvmeSubsystem(spec=fpb.NvmeSubsystemSpec(
             nqn=FRONT_NQN, hostnqn=GUEST_HOST))))
+    front.CreateNvmeController(tcp_controller("nvmeSubsystems/front", "tcp0", "4461"))
     ns = front.CreateNvmeNamespace(fpb.CreateNvmeNamespaceRequest(
         parent="nvmeSubsystems/front", nvme_namespace_id="vol",
         nvme_namespace=fpb.NvmeNamespace(spec=fpb.NvmeNamespaceSpec(
             volume_name_ref=f"{rc.name}/nvmeRemoteNamespaces/1"))))
     assert ns.status.state == fpb.NvmeNamespaceStatus.STATE_ENABLED
     assert cfs.read(f"subsystems/{FRONT_NQN}/namespaces/1", "device_path").startswith("/dev/nvme")
-    front.CreateNvmeController(tcp_controller("nvmeSubsystems/front", "tcp0", "4461"))
 
     hostside.connect("tcp", FRONT_NQN, GUEST_HOST, "127.0.0.1", "4461")
     device = hostside.namespace_device(FRONT_NQN, 1, "tcp")

@@ -95,17 +95,15 @@ def test_pydpu_drives_subsystem_namespace_pcie_controller(world: World) -> None:
     sub = storage.NvmeSubsystem(nqn=NQN, model="nvmetd-opi", serial="OPI0001", ns=4)
     created = sub.create(world.address)
     assert created.name == sub.name and created.spec.nqn == NQN
-    assert (world.base / "nvmet/subsystems" / NQN).is_dir()
-    assert (world.base / f"nvmet/subsystems/{NQN}/attr_model").read_text().strip() == "nvmetd-opi"
+    # no TCP/RDMA controller: nobody could reach it through nvmet, so the kernel target does not hold it
+    assert not (world.base / "nvmet/subsystems" / NQN).exists()
     assert sub.get(world.address).spec.serial_number == "OPI0001"
     assert [s.name for s in sub.list(world.address).nvme_subsystems] == [sub.name]
 
     ns = storage.NvmeNamespace(sub, volume="d0")
     made = ns.create(world.address)
     assert made.spec.host_nsid == 1 and made.spec.volume_name_ref == "d0"
-    device = (world.base / f"nvmet/subsystems/{NQN}/namespaces/1/device_path").read_text().strip()
-    assert device == world.manager.disk_info("d0")["device_path"]
-    assert ns.get(world.address).status.state == fpb.NvmeNamespaceStatus.STATE_ENABLED
+    assert ns.get(world.address).status.state == fpb.NvmeNamespaceStatus.STATE_DISABLED  # served by nobody yet
     assert [n.name for n in ns.list(world.address).nvme_namespaces] == [ns.name]
     # a file-backed volume has no kernel I/O counters: refused, not answered with zeros
     refused(lambda: ns.stats(world.address), grpc.StatusCode.FAILED_PRECONDITION, world)
@@ -119,6 +117,8 @@ def test_pydpu_drives_subsystem_namespace_pcie_controller(world: World) -> None:
     engine = EngineClient(world.vhost_dir / f"{pcie_uuid(0, 0, 3)}.sock")
     assert {n: e.name for n, e in engine.namespaces().items()} == {1: "d0"}
     assert ctrl.get(world.address).status.active
+    assert ns.get(world.address).status.state == fpb.NvmeNamespaceStatus.STATE_ENABLED
+    assert not (world.base / "nvmet/subsystems" / NQN).exists()  # the engine serves it, not nvmet
     assert [x.name for x in ctrl.list(world.address).nvme_controllers] == [ctrl.name]
 
     # one state, two APIs: the Manager (the HTTP API's) will not take the OPI namespace's disk away
@@ -150,13 +150,19 @@ def test_tcp_controller_is_an_nvmet_port(world: World) -> None:
     assert (port / "addr_trsvcid").read_text().strip() == "4431"
     assert (port / "subsystems" / (NQN + "-tcp")).is_symlink()
     assert (world.base / f"nvmet/subsystems/{NQN}-tcp/allowed_hosts/{HOSTNQN}").is_symlink()
+    assert (world.base / f"nvmet/subsystems/{NQN}-tcp/attr_allow_any_host").read_text().strip() == "0"
+    made = world.front.CreateNvmeNamespace(_ns("nvmeSubsystems/tcp-sub", "d0", "n0"))
+    device = (world.base / f"nvmet/subsystems/{NQN}-tcp/namespaces/1/device_path").read_text().strip()
+    assert device == world.manager.disk_info("d0")["device_path"]
+    assert made.status.state == fpb.NvmeNamespaceStatus.STATE_ENABLED
     # the same address twice in one subsystem
     refused(lambda: world.front.CreateNvmeController(fpb.CreateNvmeControllerRequest(
         parent="nvmeSubsystems/tcp-sub", nvme_controller_id="c2", nvme_controller=fpb.NvmeController(
             spec=fpb.NvmeControllerSpec(trtype=common.NVME_TRANSPORT_TYPE_TCP, fabrics_id=fabrics)))),
         grpc.StatusCode.ALREADY_EXISTS, world)
     world.front.DeleteNvmeController(fpb.DeleteNvmeControllerRequest(name="nvmeSubsystems/tcp-sub/nvmeControllers/c1"))
-    assert not port.exists()
+    assert not port.exists() and not (world.base / f"nvmet/subsystems/{NQN}-tcp").exists()
+    world.front.DeleteNvmeNamespace(fpb.DeleteNvmeNamespaceRequest(name="nvmeSubsystems/tcp-sub/nvmeNamespaces/n0"))
     world.front.DeleteNvmeSubsystem(fpb.DeleteNvmeSubsystemRequest(name="nvmeSubsystems/tcp-sub"))
 
 
