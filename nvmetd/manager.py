@@ -71,6 +71,7 @@ class Manager:
         self.vhost = vhost or VhostEngines()
         self.vhost.owner = str(store.path.resolve())
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
+        self.dpu: dict[str, Any] = {}  # [dpu] of nvmetd.toml: offload mode (nvmetd/opi/offload.py)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
 
@@ -281,8 +282,16 @@ class Manager:
                         "QEMU has the vhost-user-nvme device from qemu_patches/)")
 
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None) -> AttachResult:
+               memory: str | None = None, dpu: str | None = None) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
+        if transport == "dpu" or vm_name in self.store.load().get("offload", {}):
+            from nvmetd.opi.offload import Offload
+
+            if memory is not None:
+                validate.qemu_size(memory, "memory")
+            if transport not in ("dpu", "auto"):
+                raise UserError(f"VM {vm_name!r} is offloaded to a DPU: its disks use --transport dpu")
+            return Offload(self).attach(vm_name, disk, dpu, vm_uuid, memory)
         if memory is not None:
             validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
@@ -387,6 +396,10 @@ class Manager:
         return conn.controller
 
     def detach(self, vm_name: str, disk: str) -> dict[str, Any]:
+        if vm_name in self.store.load().get("offload", {}):
+            from nvmetd.opi.offload import Offload
+
+            return Offload(self).detach(vm_name, disk)
         with self.lock:
             with self.store.transaction() as doc:
                 vms = doc.get("vms", {})

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nvmetd.errors import UserError
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
 from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
 from nvmetd.vms import Ports
@@ -75,6 +76,19 @@ def load_config(path: Path) -> dict[str, Any]:
         except ValidationError as exc:
             raise ValueError(f"{path}: " + "; ".join(
                 "vhost" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+    dpu = config.get("dpu")
+    if dpu is not None:
+        from nvmetd.opi.offload import DpuConfig
+
+        if not isinstance(dpu, dict):
+            raise ValueError(f"{path}: [dpu] must be a table")
+        try:
+            config["dpu"] = DpuConfig.model_validate(dpu).check().model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "dpu" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+        except (ValueError, UserError) as exc:
+            raise ValueError(f"{path}: dpu: {exc}") from None
     opi = config.get("opi")
     if opi is not None:
         from nvmetd.opi.server import OpiConfig
@@ -137,6 +151,7 @@ class Service:
 
     def apply_config(self) -> None:
         self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
+        self.manager.dpu = dict(self.config.get("dpu", {}))
         ports = self.config.get("ports")
         if ports is not None:
             stored = Ports.model_validate(ports).model_dump(exclude_unset=True)
