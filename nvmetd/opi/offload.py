@@ -12,6 +12,7 @@ between host and DPU is the trust boundary (as it is for the SmartNIC products t
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -232,7 +233,9 @@ class Offload(Service):
             try:
                 created = self._dpu_create(endpoint, entry, nsid)
             except grpc.RpcError as exc:
-                if new:
+                if new:  # take back what this attach made, on the DPU and here
+                    with contextlib.suppress(grpc.RpcError):
+                        self._dpu_delete(endpoint, entry, nsid, last=not entry.disks)
                     self._unexport(entry.uuid, nsid)
                 raise SystemProblem(f"the DPU at {endpoint} refused: {exc.code().name}: {exc.details()}") from None
             except Refused as exc:
