@@ -76,7 +76,8 @@ def connect(path: opi_state.OpiPath, rc: opi_state.OpiRemoteController) -> str:
     host = nvme.host(root, hostnqn=path.hostnqn, hostid=initiator.host_id_for(path.hostnqn))
     ctrl = nvme.ctrl(root, subsysnqn=path.subnqn, transport=path.trtype, traddr=path.traddr,
                      trsvcid=path.trsvcid)
-    cfg: dict[str, Any] = {"ctrl_loss_tmo": -1, "hdr_digest": rc.hdgst, "data_digest": rc.ddgst}
+    cfg: dict[str, Any] = {"ctrl_loss_tmo": -1, "reconnect_delay": 1, "hdr_digest": rc.hdgst,
+                           "data_digest": rc.ddgst}
     if rc.io_queues_count:
         cfg["nr_io_queues"] = rc.io_queues_count
     try:

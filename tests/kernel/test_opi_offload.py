@@ -17,21 +17,17 @@ in the same kernel, so the CPU split between "host" and "DPU" is simulated, not 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zlib
 from pathlib import Path
 
-import grpc
 import pytest
 
 from backends import pools
-from nvmetd.opi.stubs import frontend_nvme_pb2 as fpb
-from nvmetd.opi.stubs import frontend_nvme_pb2_grpc as fgrpc
+from nvmetd.opi import softdpu
+from nvmetd.opi.softdpu import CGROUP, DPU_HOSTNQN, HOST_IP, SoftDpu
 from target.configfs import ConfigFS
 from tests.kernel.backend_rig import Loops, need
 from tests.kernel.service_fixture import Daemon
@@ -39,97 +35,32 @@ from vhost_nvme.guest import GuestDriver
 
 pytestmark = pytest.mark.kernel
 
-NETNS = "nvmetd-dpu"
-HOST_IP, DPU_IP = "192.168.240.1", "192.168.240.2"  # on the veth pair this test creates, nowhere else
-DPU_HOST = "nqn.2014-08.org.nvmexpress:uuid:d9a0e1f2-3333-4b4c-8d8e-9f0a1b2c3d4e"
-CGROUP = Path("/sys/fs/cgroup/nvmetd-dpu")
 MIB = 1 << 20
-
-
-def run(*argv: str) -> None:
-    subprocess.run(list(argv), check=True, capture_output=True)
-
-
-class SoftDpu:
-    """The software DPU: nvmetd in OPI-server mode in its own netns and cgroup (CPU 1)."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.vhost_dir = Path(tempfile.mkdtemp(prefix="dpu-", dir="/tmp"))  # short: AF_UNIX paths
-        self.opi = base / "opi.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        (self.base / "nvmetd.toml").write_text("")
-        log = open(self.base / "dpu.log", "ab")  # noqa: SIM115 (the daemon's whole life)
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", NETNS, sys.executable, "-m", "nvmetd.service", "--state",
-             str(self.base / "state.json"), "--socket", str(self.base / "nvmetd.sock"), "--opi-socket",
-             str(self.opi), "--pools-root", str(self.base / "pools"), "--keys-dir", str(self.base / "keys"),
-             "--vhost-dir", str(self.vhost_dir), "--configfs", str(self.base / "no-kernel-target"),
-             "--config", str(self.base / "nvmetd.toml"), "--restore-timeout", "1", "--drift-interval", "3600"],
-            stdout=log, stderr=subprocess.STDOUT)
-        (CGROUP / "cgroup.procs").write_text(str(self.proc.pid))  # before its engines start: they inherit it
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.base / "dpu.log").read_text()
-            try:
-                with grpc.insecure_channel(f"unix:{self.opi}") as ch:
-                    fgrpc.FrontendNvmeServiceStub(ch).ListNvmeSubsystems(fpb.ListNvmeSubsystemsRequest(), timeout=5)
-                return
-            except grpc.RpcError:
-                time.sleep(0.3)
-        raise AssertionError("the DPU's nvmetd did not answer: " + (self.base / "dpu.log").read_text())
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
 
 
 @pytest.fixture
 def world(cfs: ConfigFS, scratch: Path):
     need("lvcreate", "ip")
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
-    run("ip", "netns", "add", NETNS)
-    run("ip", "link", "add", "nvd-h", "type", "veth", "peer", "name", "nvd-d")
-    run("ip", "link", "set", "nvd-d", "netns", NETNS)
-    run("ip", "addr", "add", f"{HOST_IP}/30", "dev", "nvd-h")
-    run("ip", "link", "set", "nvd-h", "up")
-    for cmd in (["addr", "add", f"{DPU_IP}/30", "dev", "nvd-d"], ["link", "set", "nvd-d", "up"],
-                ["link", "set", "lo", "up"]):
-        run("ip", "netns", "exec", NETNS, "ip", *cmd)
-    if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
-        run("mount", "-t", "cgroup2", "none", "/sys/fs/cgroup")
-    Path("/sys/fs/cgroup/cgroup.subtree_control").write_text("+cpuset")
-    CGROUP.mkdir(exist_ok=True)
-    (CGROUP / "cpuset.cpus").write_text("1")
-    dpu_base = scratch / "dpu"
-    dpu_base.mkdir()
-    dpu = SoftDpu(dpu_base)
+    softdpu.make_network()
+    softdpu.make_cgroup()
+    dpu = SoftDpu(scratch / "dpu")
     host = Daemon(scratch / "host")
     (scratch / "host").mkdir()
-    (scratch / "host" / "nvmetd.toml").write_text(
-        f'[dpu]\nendpoint = "unix:{dpu.opi}"\nstorage_address = "{HOST_IP}"\nstorage_port = "4470"\n'
-        f'hostnqn = "{DPU_HOST}"\nvhost_dir = "{dpu.vhost_dir}"\n')
+    (scratch / "host" / "nvmetd.toml").write_text(dpu.host_config())
     loops = Loops(scratch)
     subprocess.run(["modprobe", "loop"], check=False, capture_output=True)
     pools.create_pool("lvm", "thin", [loops.make("pv", 512 * MIB)], root=host.pools_root)
     host.extra_args = ["--vhost-dir", str(scratch / "host-vhost")]
-    dpu.start()
-    host.start()
     try:
+        dpu.start()
+        host.start()
         yield host, dpu
     finally:
         host.stop()
-        if dpu.proc and dpu.proc.poll() is None:
-            dpu.kill9()
-        for pid in (CGROUP / "cgroup.procs").read_text().split():  # the DPU's engines: only what we started
-            os.kill(int(pid), signal.SIGKILL)
+        dpu.kill9()
+        softdpu.remove_cgroup()  # the DPU's engines: only processes the software DPU started
         subprocess.run(["nvme", "disconnect-all"], capture_output=True, check=False)
-        time.sleep(0.5)
-        CGROUP.rmdir()
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
+        softdpu.remove_network()
         pools.destroy_pool("thin", root=host.pools_root, force=True)
         loops.close()
 
@@ -149,14 +80,14 @@ def test_offload_vm_disk_through_software_dpu(world: tuple[Daemon, SoftDpu], cfs
     assert res["transport"] == "dpu" and res["nsid"] == 1 and Path(res["vhost_socket"]).is_socket()
     assert any("nvmeControllers/pcie" in n for n in res["notes"])
     export = next(s for s in cfs.listdir("subsystems") if s.startswith("nqn.2026-11.io.nvmetd:offload:"))
-    assert cfs.listdir(f"subsystems/{export}/allowed_hosts") == [DPU_HOST]
+    assert cfs.listdir(f"subsystems/{export}/allowed_hosts") == [DPU_HOSTNQN]
     port = next(p for p in cfs.listdir("ports") if cfs.read(f"ports/{p}", "addr_traddr").strip() == HOST_IP)
     # no data path on the host: no engine of the host's nvmetd, and the DPU's engine is in the DPU's cgroup
     assert not list((host.base / "host-vhost").glob("*.sock"))
     engine_pid = int(next(dpu.vhost_dir.glob("*.pid")).read_text())
     assert str(engine_pid) in (CGROUP / "cgroup.procs").read_text().split()
 
-    g = GuestDriver(res["vhost_socket"])
+    g = GuestDriver(res["vhost_socket"], timeout=120)  # a dropped path stalls I/O until it reconnects
     try:
         g.enable()
         g.create_io_queue(1, 64)
