@@ -124,7 +124,8 @@ class Clone(_Request):
 
 
 class AttachRequest(_Request):
-    transport: Literal["auto", "tcp", "loop", "rdma", "vhost"] = "auto"
+    transport: Literal["auto", "tcp", "loop", "rdma", "vhost", "dpu"] = "auto"
+    dpu: str | None = Field(default=None, max_length=512)  # the DPU's OPI endpoint (offload mode)
     vm_uuid: VmUuid = None
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
@@ -266,7 +267,8 @@ def create_app(manager: Manager) -> FastAPI:
 
     @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
-        result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory)
+        result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory,
+                                          req.dpu)
         return result.to_dict()
 
     @router.delete("/v1/vms/{vm}/disks/{disk}")

@@ -330,28 +330,29 @@ def _kv(data: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("vm")
 @click.argument("disk")
-@click.option("--transport", type=click.Choice(["auto", "tcp", "rdma", "loop", "vhost"]), default="auto",
+@click.option("--transport", type=click.Choice(["auto", "tcp", "rdma", "loop", "vhost", "dpu"]), default="auto",
               show_default=True)
+@click.option("--dpu", help="dpu: the DPU's OPI endpoint (unix:/path or address:port); default [dpu] endpoint")
 @click.option("--vm-uuid", help="the VM's UUID (its host NQN derives from it); new VMs get a random one")
 @click.option("--qmp", "qmp_socket", type=click.Path(), help="hot-plug into this running QEMU (QMP socket)")
 @click.option("--qmp-bus", help="with --qmp: the PCIe root port to plug into (a q35 root bus is not hot-pluggable)")
 @click.option("--memory", help="vhost: the VM's RAM size (512M, 4G), to include the shared memory backend "
               "in the QEMU arguments")
 @click.pass_obj
-def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None,
-           qmp_bus: str | None, memory: str | None) -> None:
+def attach(obj: Context, vm: str, disk: str, transport: str, dpu: str | None, vm_uuid: str | None,
+           qmp_socket: str | None, qmp_bus: str | None, memory: str | None) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory, or (when nvmet-vhost loads, `[vhost] backend`) by the kernel's
     NVMe target itself, QEMU opening /dev/vhost-nvme: the output says which and why, with the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
-                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory})
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu})
     if qmp_socket and result.get("vhost_backend") == "kernel":
         raise SystemExit(_fail("--qmp does not hot-plug the kernel back-end's device yet (the disk is attached): "
                                "start QEMU with the printed -device, or detach and use [vhost] backend = engine",
                                EXIT_USAGE))
-    if qmp_socket and result["transport"] == "vhost":
+    if qmp_socket and result["transport"] in ("vhost", "dpu"):
         from nvmetd import qmp
 
         try:

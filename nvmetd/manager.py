@@ -17,6 +17,7 @@ from nvmetd import initiator, vm_scope
 from nvmetd.changelog import ChangeLog, recorded
 from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
+from nvmetd.opi import state as opi_state
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vhost_kernel import Choice, KernelBackendMissing, choose_backend
@@ -77,6 +78,7 @@ class Manager:
         self.vhost.owner = str(store.path.resolve())
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
         self.vhost_backend = vhost_backend  # [vhost] backend: who serves a VM's first vhost disk
+        self.dpu: dict[str, Any] = {}  # [dpu] of nvmetd.toml: offload mode (nvmetd/opi/offload.py)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
         self.changes = ChangeLog()  # the order changes took effect in (nvmetd --change-log)
@@ -113,6 +115,9 @@ class Manager:
             for disk in vm.attachments:
                 if disk not in devices:
                     devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
+            if disk not in devices:
+                devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
         self._device_paths = dict(devices)
         return devices
 
@@ -128,10 +133,14 @@ class Manager:
             load_modules(state)
             self._modules_loaded |= wanted
 
+    def devices(self, doc: dict[str, Any]) -> dict[str, str]:
+        return self._devices(doc)
+
     def effective(self, doc: dict[str, Any], devices: dict[str, str] | None = None) -> TargetState:
         """The tree the kernel should hold."""
         devices = self._devices(doc) if devices is None else devices
-        return compose(parse_state(doc.get("target", {})), self._vms(doc), devices, self._ports(doc))
+        return opi_state.merge(compose(parse_state(doc.get("target", {})), self._vms(doc), devices,
+                                       self._ports(doc)), doc, devices)
 
     def engine_specs(self, doc: dict[str, Any], devices: dict[str, str]) -> list[EngineSpec]:
         specs = []
@@ -140,13 +149,17 @@ class Manager:
                           if a.transport == "vhost" and a.backend == "engine"}
             if namespaces:
                 specs.append(EngineSpec(vm, namespaces))
-        return specs
+        return specs + opi_state.engine_specs(doc, devices)
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
         """The whole tree: every volume activated, every object read and compared (start, drift timer, API)."""
         with self.lock:
             doc = self.store.load()
             self._port_attrs.clear()
+            if doc.get("opi", {}).get("remote_controllers"):
+                from nvmetd.opi.remote import reconnect_all
+
+                reconnect_all(doc)  # the OPI backend paths whose namespaces back OPI namespaces
             devices = self._devices(doc)
             state = self.effective(doc, devices)
             if not self.cfs.exists() and state == TargetState():
@@ -210,7 +223,7 @@ class Manager:
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
-        attached = {d for vm in self._vms(doc).values() for d in vm.attachments}
+        attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
         for disk, entry in doc.get("disks", {}).items():
             if disk not in attached and entry.get("state", "ready") == "ready":
                 pool = self._pool(entry["pool"])
@@ -278,6 +291,7 @@ class Manager:
             with self.store.transaction() as doc:
                 pool = self._disk_pool(doc, name)
                 users = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
+                users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
                 doc["disks"][name]["state"] = "deleting"
@@ -358,8 +372,16 @@ class Manager:
 
     @recorded("attach")
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None) -> AttachResult:
+               memory: str | None = None, dpu: str | None = None) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
+        if transport == "dpu" or vm_name in self.store.load().get("offload", {}):
+            from nvmetd.opi.offload import Offload
+
+            if memory is not None:
+                validate.qemu_size(memory, "memory")
+            if transport not in ("dpu", "auto"):
+                raise UserError(f"VM {vm_name!r} is offloaded to a DPU: its disks use --transport dpu")
+            return Offload(self).attach(vm_name, disk, dpu, vm_uuid, memory)
         if memory is not None:
             validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
@@ -375,6 +397,11 @@ class Manager:
                 for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
                     if other != vm_name and disk in entry.get("attachments", {}):
                         raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
+                for other in self._vms(doc).values():
+                    if other.name != vm_name and disk in other.attachments:
+                        raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
+                if disk in opi_state.disks(doc):
+                    raise UserError(f"disk {disk!r} is the volume of {opi_state.disks(doc)[disk][0]} (OPI API)")
                 current = vm.attachments.get(disk)
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
@@ -501,6 +528,10 @@ class Manager:
 
     @recorded("detach")
     def detach(self, vm_name: str, disk: str) -> dict[str, Any]:
+        if vm_name in self.store.load().get("offload", {}):
+            from nvmetd.opi.offload import Offload
+
+            return Offload(self).detach(vm_name, disk)
         with self.lock:
             with self.store.transaction() as doc:
                 vms = doc.get("vms", {})

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nvmetd.changelog import ChangeLog
+from nvmetd.errors import UserError
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
 from nvmetd.readiness import ServiceReadiness
 from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
@@ -77,6 +78,32 @@ def load_config(path: Path) -> dict[str, Any]:
         except ValidationError as exc:
             raise ValueError(f"{path}: " + "; ".join(
                 "vhost" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+    dpu = config.get("dpu")
+    if dpu is not None:
+        from nvmetd.opi.offload import DpuConfig
+
+        if not isinstance(dpu, dict):
+            raise ValueError(f"{path}: [dpu] must be a table")
+        try:
+            config["dpu"] = DpuConfig.model_validate(dpu).check().model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "dpu" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+        except (ValueError, UserError) as exc:
+            raise ValueError(f"{path}: dpu: {exc}") from None
+    opi = config.get("opi")
+    if opi is not None:
+        from nvmetd.opi.server import OpiConfig
+
+        if not isinstance(opi, dict):
+            raise ValueError(f"{path}: [opi] must be a table")
+        try:
+            config["opi"] = OpiConfig.model_validate(opi).check().model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "opi" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return config
 
 
@@ -132,6 +159,7 @@ class Service:
     def apply_config(self) -> None:
         self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
         self.manager.vhost_backend = self.config.get("vhost", {}).get("backend", "auto")
+        self.manager.dpu = dict(self.config.get("dpu", {}))
         ports = self.config.get("ports")
         if ports is not None:
             stored = Ports.model_validate(ports).model_dump(exclude_unset=True)
@@ -196,6 +224,17 @@ class Service:
         self.reload.set()
         self.wake.set()
 
+    def start_opi(self) -> Any:
+        """The OPI storage API (gRPC, nvmetd/opi/) on the same Manager: one state, two APIs."""
+        from nvmetd.opi.server import OpiConfig, build
+
+        config = OpiConfig.model_validate(self.config.get("opi", {}))
+        socket_path = self.args.opi_socket or Path(config.socket or str(self.args.socket.parent / "opi.sock"))
+        opi = build(self.manager, socket_path, config)
+        opi.start()
+        log.info("OPI storage API on %s%s", socket_path, f" and {config.tcp} (mutual TLS)" if config.tcp else "")
+        return opi
+
     def run(self) -> int:
         import uvicorn
 
@@ -219,9 +258,11 @@ class Service:
             self.readiness.serving()
 
         threading.Thread(target=ready, daemon=True).start()
+        opi = self.start_opi()
         try:
             server.run(sockets=[sock])
         finally:
+            opi.stop(grace=2)
             self.stop.set()
             self.wake.set()
             self.notifier.notify("STOPPING=1")
@@ -246,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="never connect loop attachments on this host (return parameters only)")
     parser.add_argument("--change-log", type=Path, default=None,
                         help="append each disk/VM call, in the order it took effect, to this JSON-lines file")
+    parser.add_argument("--opi-socket", type=Path, default=None,
+                        help="the OPI storage API's Unix socket (default: opi.sock beside --socket)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)
