@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
-from backends.errors import BackendError, NotFoundError
+from backends.errors import BackendError, NotFoundError, UnavailableError
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
@@ -174,7 +174,8 @@ def create_app(manager: Manager) -> FastAPI:
     # Refusals by kind: Starlette picks the handler of the most specific class (MRO), so Unsupported (a
     # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
     refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
-                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409}
+                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409,
+                                            UnavailableError: 503}
     for kind, status in refusals.items():
         async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return _error(status, str(exc))
