@@ -23,6 +23,7 @@ from typing import Any
 
 OSDS = 3
 MON_ADDR = "127.0.0.1"
+MGR_MODULES = Path("/usr/share/ceph/mgr")
 
 CONF = """[global]
 fsid = {fsid}
@@ -65,18 +66,20 @@ osd_op_num_shards = 1
 osd_op_num_threads_per_shard = 2
 osd_recovery_sleep = 0
 osd_scrub_auto_repair = false
-osd_scrub_begin_hour = 0
-osd_scrub_end_hour = 0
+osd_scrub_min_interval = 1000000
+osd_scrub_max_interval = 2000000
+osd_deep_scrub_interval = 2000000
 osd_scrub_during_recovery = true
 osd_max_scrubs = 3
 mgr_stats_period = 1
+mgr_module_path = {d}/mgr-modules
 mon_pg_warn_min_per_osd = 0
 mon_data_avail_warn = 1
 auth_allow_insecure_global_id_reclaim = false
 debug_ms = 0
 """
 """`mon_osd_down_out_interval = 0`: a stopped OSD stays `in` (its PGs go degraded, not remapped), which is the
-outage the tests model; `osd_scrub_*_hour` equal: scrubs only when asked."""
+outage the tests model; long scrub intervals: scrubs only when a test asks for one."""
 
 
 class Cluster:
@@ -90,6 +93,7 @@ class Cluster:
         self.conf = self.base / "ceph.conf"
         self.keyring = self.base / "keys" / "client.admin.keyring"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.phases: dict[str, float] = {}  # seconds from the start to each step, printed by the test fixture
         self.started_in = 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -109,56 +113,68 @@ class Cluster:
                                             start_new_session=True)
 
     # ------------------------------------------------------------------ start-up
+    def _key(self, name: str, *caps: str) -> Path:
+        path = self.base / "keys" / f"{name}.keyring"
+        argv = ["ceph-authtool", "--create-keyring", str(path), "--gen-key", "-n", name]
+        for i in range(0, len(caps), 2):
+            argv += ["--cap", caps[i], caps[i + 1]]
+        self._tool(*argv)
+        os.chmod(path, 0o600)
+        return path
+
     def start(self) -> Cluster:
+        """Every key is made offline and handed to the monitor at its mkfs, and the OSDs' mkfs runs while the
+        monitor starts: under emulation each `ceph` CLI call costs seconds, so start-up makes as few as it can."""
         t0 = time.monotonic()
-        for sub in ("run", "log", "mon", "mgr", "osd", "keys"):
+        for sub in ("run", "log", "mon", "mgr/x", "osd", "keys", "mgr-modules"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.base / "keys", 0o700)
         fsid = str(uuid.uuid4())
-        conf = CONF.format(fsid=fsid, mon=MON_ADDR, d=self.base)
-        for osd_id, dev in enumerate(self.block_devices):
-            conf += f"\n[osd.{osd_id}]\nbluestore_block_path = {dev}\n"
-        self.conf.write_text(conf)
-        keys = self.base / "keys"
-        mon_kr = keys / "mon.a.keyring"
-        self._tool("ceph-authtool", "--create-keyring", str(mon_kr), "--gen-key", "-n", "mon.",
-                   "--cap", "mon", "allow *")
-        self._tool("ceph-authtool", "--create-keyring", str(self.keyring), "--gen-key", "-n", "client.admin",
-                   "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *",
-                   "--cap", "mds", "allow *")
-        os.chmod(self.keyring, 0o600)
-        self._tool("ceph-authtool", str(mon_kr), "--import-keyring", str(self.keyring))
+        self.conf.write_text(CONF.format(fsid=fsid, mon=MON_ADDR, d=self.base))
+        mon_kr = self._key("mon.", "mon", "allow *")
+        keyrings = [self._key("client.admin", "mon", "allow *", "osd", "allow *", "mgr", "allow *", "mds", "allow *"),
+                    self._key("mgr.x", "mon", "allow profile mgr", "osd", "allow *", "mds", "allow *")]
+        keyrings += [self._key(f"osd.{i}", "mon", "allow profile osd", "mgr", "allow profile osd", "osd", "allow *")
+                     for i in range(OSDS)]
+        for keyring in keyrings:
+            self._tool("ceph-authtool", str(mon_kr), "--import-keyring", str(keyring))
+        osd_uuids = [str(uuid.uuid4()) for _ in range(OSDS)]
+        mkfs = []
+        for osd_id, osd_uuid in enumerate(osd_uuids):
+            (self.base / "osd" / str(osd_id)).mkdir(exist_ok=True)
+            if self.block_devices:  # BlueStore's default block path (`<osd_data>/block`), as ceph-volume links it
+                (self.base / "osd" / str(osd_id) / "block").symlink_to(self.block_devices[osd_id])
+            mkfs.append(subprocess.Popen(
+                ["ceph-osd", "-c", str(self.conf), "-i", str(osd_id), "--mkfs", "--no-mon-config",
+                 "--osd-uuid", osd_uuid], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         monmap = self.base / "monmap"
         self._tool("monmaptool", "--create", "--fsid", fsid, "--addv", "a",
                    f"[v2:{MON_ADDR}:3300,v1:{MON_ADDR}:6789]", str(monmap))
         self._tool("ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap),
                    "--keyring", str(mon_kr))
         self._daemon("mon.a", ["ceph-mon", "-i", "a"])
-        self._wait(lambda: self.ceph_json("mon", "stat") is not None, "the monitor to answer", 120)
-        mgr_dir = self.base / "mgr" / "x"
-        mgr_dir.mkdir(exist_ok=True)
-        (keys / "mgr.x.keyring").write_text(self.ceph("auth", "get-or-create", "mgr.x", "mon", "allow profile mgr",
-                                                      "osd", "allow *", "mds", "allow *"))
+        # the manager's C++ core collects the PG and pool statistics the tests read; its Python modules only cost
+        # minutes of start-up under emulation, so it gets a module directory holding just the runtime's helpers
+        for helper in ("mgr_module.py", "mgr_util.py"):
+            (self.base / "mgr-modules" / helper).symlink_to(MGR_MODULES / helper)
         self._daemon("mgr.x", ["ceph-mgr", "-i", "x"])
-        mkfs = []
-        for _ in range(OSDS):
-            osd_uuid = str(uuid.uuid4())
-            osd_id = self.ceph("osd", "new", osd_uuid).strip()
-            (self.base / "osd" / osd_id).mkdir(exist_ok=True)
-            mkfs.append((osd_id, subprocess.Popen(
-                ["ceph-osd", "-c", str(self.conf), "-i", osd_id, "--mkfs", "--mkkey", "--no-mon-config",
-                 "--osd-uuid", osd_uuid],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
-        for osd_id, proc in mkfs:
+        # one `ceph` process for the three OSD ids (it runs the commands it reads on stdin)
+        self._wait(lambda: subprocess.run(
+            ["ceph", "-c", str(self.conf), "--connect-timeout", "30"], check=True, capture_output=True, timeout=300,
+            input="".join(f"osd new {u} {i}\n" for i, u in enumerate(osd_uuids)).encode()) is not None,
+            "the monitor to register the OSDs", 300)
+        self.phases["mon up, OSDs registered"] = time.monotonic() - t0
+        for osd_id, proc in enumerate(mkfs):
             output, _ = proc.communicate(timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"ceph-osd --mkfs of osd.{osd_id} failed: {output.decode()[-500:]}")
-            self.ceph("auth", "add", f"osd.{osd_id}", "osd", "allow *", "mon", "allow profile osd",
-                      "mgr", "allow profile osd", "-i", str(keys / f"osd.{osd_id}.keyring"))
-            self.start_osd(int(osd_id))
+            self.start_osd(osd_id)
+        self.phases["OSD mkfs done"] = time.monotonic() - t0
         self.wait_osds_up(OSDS)
+        self.phases["OSDs up"] = time.monotonic() - t0
         self._wait(lambda: self.ceph_json("mgr", "stat").get("available"), "the manager to be available", 300)
         self.started_in = time.monotonic() - t0
+        self.phases["manager available"] = self.started_in
         return self
 
     def start_osd(self, osd_id: int) -> None:
@@ -194,6 +210,14 @@ class Cluster:
 
         self._wait(clean, "all placement groups active+clean", timeout)
         return time.monotonic() - t0
+
+    def wait_pg(self, pgid: str, ready: Any, what: str, timeout: float = 600) -> None:
+        def state() -> bool:
+            doc = self.ceph_json("pg", "ls")
+            pgs = doc.get("pg_stats", []) if isinstance(doc, dict) else doc
+            return any(pg["pgid"] == pgid and ready(pg["state"]) for pg in pgs)
+
+        self._wait(state, f"{what} (pg {pgid})", timeout)
 
     def _wait(self, ready: Any, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -44,7 +44,8 @@ def ceph(nvmet_kernel: ConfigFS) -> Iterator[Cluster]:
     cluster = Cluster(base, [loops.make(f"osd{i}", OSD_BYTES) for i in range(OSDS)])
     try:
         cluster.start()
-        print(f"\nceph test cluster: 1 mon, 1 mgr, {OSDS} BlueStore OSDs up in {cluster.started_in:.1f} s")
+        steps = ", ".join(f"{step} {t:.0f} s" for step, t in cluster.phases.items())
+        print(f"\nceph test cluster: 1 mon, 1 mgr, {OSDS} BlueStore OSDs up in {cluster.started_in:.1f} s ({steps})")
         yield cluster
     finally:
         wipe()
@@ -249,3 +250,47 @@ def test_unusable_cluster_is_exit_3_and_nothing_made(ceph: Cluster, pool_root: P
         assert "Traceback" not in proc.stderr
         assert "bad" not in list_pools(pool_root) and not (pool_root / "bad").exists()
     assert "nvmetd-bad" not in ceph.ceph_json("osd", "pool", "ls")
+
+
+def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Cluster, pool: Backend) -> None:
+    """Corrupt one replica of one of a disk's objects on its (stopped) OSD with ceph-objectstore-tool; deep scrub
+    flags it, repair rewrites it, and that very replica, served alone with the other two OSDs stopped, verifies."""
+    need("ceph-objectstore-tool", "rados")
+    pool.create("scrub", "16M")
+    data = os.urandom(4 * MIB)  # exactly RBD object 0 (4 MiB objects)
+    write_direct(pool.attach("scrub"), data)
+    pool.detach("scrub")
+    obj = pool.client.rbd_json("info", f"{pool.ceph_pool}/scrub")["block_name_prefix"] + ".0000000000000000"
+    placed = ceph.ceph_json("osd", "map", pool.ceph_pool, obj)
+    pgid, victim = placed["pgid"], placed["acting"][-1]  # a replica, not the primary
+    others = [osd for osd in placed["acting"] if osd != victim]
+    ceph.stop_osd(victim)
+    garbage = ceph.base / "garbage"
+    garbage.write_bytes(os.urandom(4 * MIB))
+    subprocess.run(["ceph-objectstore-tool", "--no-mon-config", "--data-path", str(ceph.osd_data(victim)),
+                    "--pgid", pgid, obj, "set-bytes", str(garbage)], check=True, capture_output=True, timeout=300)
+    ceph.start_osd(victim)
+    ceph.wait_osds_up(OSDS)
+    ceph.wait_clean()
+    t0 = time.monotonic()
+    ceph.ceph("pg", "deep-scrub", pgid)
+    ceph.wait_pg(pgid, lambda state: "inconsistent" in state, "deep scrub to flag the replica")
+    found = json.loads(subprocess.run(["rados", "-c", str(ceph.conf), "list-inconsistent-obj", pgid,
+                                       "--format=json"], check=True, capture_output=True, text=True).stdout)
+    names = [item["object"]["name"] for item in found["inconsistents"]]
+    assert names == [obj], found
+    print(f"\ndeep scrub flagged {obj} on osd.{victim} in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    ceph.ceph("pg", "repair", pgid)
+    ceph.wait_pg(pgid, lambda state: state == "active+clean", "repair")
+    print(f"repair done in {time.monotonic() - t0:.1f} s")
+    for osd in others:  # only the repaired replica left to serve the read
+        ceph.stop_osd(osd)
+    ceph.wait_osds_up(1, timeout=120)
+    assert hostside.direct_read(pool.attach("scrub"), 4 * MIB) == data
+    pool.detach("scrub")
+    for osd in others:
+        ceph.start_osd(osd)
+    ceph.wait_osds_up(OSDS)
+    ceph.wait_clean()
+    pool.delete("scrub")
