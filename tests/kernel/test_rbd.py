@@ -113,8 +113,12 @@ def test_io_continues_with_two_of_three_osds_down(ceph: Cluster, pool: Backend, 
     ceph.stop_osd(1)
     ceph.stop_osd(2)
     ceph.wait_osds_up(1, timeout=120)
-    during = pool.info("out-tcp")
-    redundancy = pool.status().redundancy
+    deadline = time.monotonic() + 120  # the manager's PG statistics follow the OSD map a moment later
+    while True:
+        during, redundancy = pool.info("out-tcp"), pool.status().redundancy
+        if (during.copies == 1 and redundancy in ("degraded", "recovering")) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     print(f"\ntwo OSDs down after {time.monotonic() - t_down:.1f} s: disk copies {during.copies}/"
           f"{during.copies_wanted}, pool {redundancy}")
     assert (during.copies, during.copies_wanted) == (1, 3)
