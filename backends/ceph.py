@@ -18,7 +18,8 @@ from typing import Any
 from backends.errors import BackendError, ToolError, UnavailableError
 from backends.run import run
 
-CONNECT_TIMEOUT = 15  # seconds to reach a monitor before a command gives up (a dead cluster must not hang nvmetd)
+CONNECT_TIMEOUT = 60  # seconds to reach a monitor and authenticate before a command gives up: a dead cluster must
+# not hang nvmetd, but a loaded or emulated host can need tens of seconds for the cephx handshake
 _KEY_RE = re.compile(r"[A-Za-z0-9+/]{38}==")  # a cephx secret (base64 of 28 bytes)
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT\S+ [0-9a-f]+ +-?\d+ ")  # "2026-12-01T21:16:06.617+0000 7ff4 -1 "
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
