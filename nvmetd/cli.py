@@ -431,8 +431,8 @@ def vm_show(obj: Context, name: str) -> None:
 
 
 def _mount_bench() -> None:
-    """`nvmetctl bench ...` is the fio harness's own click group (python -m nvmetd.bench), mounted as it is."""
-    from nvmetd.bench.cli import bench
+    """`nvmetctl bench ...` is the fio harness's own click group (python -m bench.matrix), mounted as it is."""
+    from bench.matrix.cli import bench
 
     cli.add_command(bench, name="bench")
 

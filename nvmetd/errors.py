@@ -25,7 +25,7 @@ class SystemProblem(Exception):
 def run_cli(command: Any, argv: list[str] | None, prog_name: str, label: str) -> int:
     """Run a click command and turn whatever it lets through into one line on stderr and the exit code above.
 
-    Shared by nvmetctl and `python -m nvmetd.bench` (also mounted as `nvmetctl bench`), so a failure means the same
+    Shared by nvmetctl and `python -m bench.matrix` (also mounted as `nvmetctl bench`), so a failure means the same
     exit code whichever way the command was started."""
     import click
 

@@ -1,7 +1,7 @@
 """The fio harness against the real 6.12 nvmet: the checksums catch corruption, and every transport keeps data intact.
 
 Sizes are small (8 MiB) so the whole module stays within a couple of minutes under TCG; the job files are the
-real ones from fio_jobs/, run through the same code as `python -m nvmetd.bench integrity`. The disks are made and
+real ones from fio_jobs/, run through the same code as `python -m bench.matrix integrity`. The disks are made and
 exported the way users' are: a backends/ pool, Manager.create_disk, Manager.attach (a VM subsystem with its own
 host NQN and DH-CHAP key).
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from nvmetd.bench.disks import Disk, read_behind, write_behind
-from nvmetd.bench.runner import IntegrityOptions, run_integrity
-from nvmetd.bench.transports import Attachment
+from bench.matrix.disks import Disk, read_behind, write_behind
+from bench.matrix.runner import IntegrityOptions, run_integrity
+from bench.matrix.transports import Attachment
 from nvmetd.vms import SUBSYSTEM_PREFIX
 from target.apply import apply_state, diff
 from target.configfs import ConfigFS

@@ -1,6 +1,6 @@
 """The fio harness's vhost transport: the real integrity job files inside a TCG guest whose /dev/nvme0n1 is the
 vhost-user-nvme device served by a vhost_nvme engine on a backends/ file-pool disk, run through the same code as
-`python -m nvmetd.bench integrity --transport vhost`.
+`python -m bench.matrix integrity --transport vhost`.
 
 Small (8 MiB) because the guest is TCG. The second test proves the checksums also catch corruption on this path:
 garbage written into the backing file behind the engine, before the read-back, must come back as a verify failure
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from nvmetd.bench.disks import Disk, write_behind
-from nvmetd.bench.runner import IntegrityOptions, run_integrity
-from nvmetd.bench.transports import Attachment
+from bench.matrix.disks import Disk, write_behind
+from bench.matrix.runner import IntegrityOptions, run_integrity
+from bench.matrix.transports import Attachment
 
 from .conftest import unavailable
 

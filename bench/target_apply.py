@@ -2,19 +2,19 @@
 add one namespace next to them. Prints times and, with --nvmetcli-src, the same work through nvmetcli's own
 library in the same VM as the baseline (ratios are the result; absolute TCG times are context).
 
-Run inside the rig: `make bench` (or `python -m rig -- .venv/bin/python -m target.bench`).
+Run inside the rig: `make bench-target` (or `python -m rig -- .venv/bin/python -m bench.target_apply`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.report import Metric, Report, fmt_ratio
 from target.apply import apply_state
 from target.configfs import NVMET_ROOT, ConfigFS
 from target.features import load_modules
@@ -82,15 +82,32 @@ def run_nvmetcli(count: int, files: Path, src: Path) -> dict[str, float]:
     return results
 
 
+STEPS = [("apply", "apply into empty tree", "restore into empty tree"),
+         ("reapply", "re-apply unchanged", "restore again (wipes, recreates)"),
+         ("one_more", "add one namespace next to them", "restore with one namespace more")]
+
+
+def as_report(runs: dict[str, dict[str, float]], count: int) -> Report:
+    """The same three steps side by side; nvmetcli's library, when measured, is the baseline."""
+    baseline = "nvmetcli" if "nvmetcli" in runs else "nvmetd"
+    report = Report(f"control plane: {count} subsystems x 1 namespace", baseline,
+                    [Metric(key, ours + " (s)", higher_is_better=False) for key, ours, _ in STEPS])
+    report.add("nvmetd", **{key: runs["nvmetd"][ours] for key, ours, _ in STEPS})
+    if "nvmetcli" in runs:
+        report.add("nvmetcli", **{key: runs["nvmetcli"][theirs] for key, _, theirs in STEPS})
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m target.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.target_apply", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000, help="subsystems (default 1000)")
     parser.add_argument("--nvmetcli-src", type=Path, help="a checkout of nvmetcli to measure as the baseline")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--out", type=Path, help="write report.json, report.md and ratios.png into this directory")
+    parser.add_argument("--no-png", action="store_true", help="leave the plot out (matplotlib is slow under TCG)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        parser.error("needs root and a kernel with nvmet: run `make bench`")
+        parser.error("needs root and a kernel with nvmet: run `make bench-target`")
     load_modules(parse_state({"ports": [{"id": 1, "trtype": "loop"}]}))
     if not NVMET_ROOT.is_dir():
         parser.error("no nvmet configfs tree")
@@ -99,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, dict[str, float]] = {"nvmetd": run_nvmetd(args.count, files)}
         if args.nvmetcli_src:
             report["nvmetcli"] = run_nvmetcli(args.count, files, args.nvmetcli_src)
-            ours, theirs = report["nvmetd"], report["nvmetcli"]
+    if args.nvmetcli_src or args.out:
+        figures = as_report(report, args.count)
+        if args.nvmetcli_src:
             print("ratios (nvmetd time / nvmetcli time; below 1 is faster):")
-            for a, b in (("apply into empty tree", "restore into empty tree"),
-                         ("re-apply unchanged", "restore again (wipes, recreates)"),
-                         ("add one namespace next to them", "restore with one namespace more")):
-                print(f"  {a:38} {ours[a] / theirs[b]:8.4f}  ({ours[a]:.3f} s vs {theirs[b]:.3f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+            for m in figures.metrics:
+                value = fmt_ratio(figures.ratios()["nvmetd"][m.key])
+                print(f"  {m.label:42} {value:>8}  ({figures.rows['nvmetd'][m.key]:.3f} s vs "
+                      f"{figures.rows['nvmetcli'][m.key]:.3f} s)")
+        if args.out:
+            print("wrote " + ", ".join(str(p) for p in figures.write(args.out, png=not args.no_png)))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Turn a run's JSON into what people read: ratios to the baseline, a Markdown table, and a comparison of two runs.
+"""The fio matrix's tables (ratios from bench/report.py): a run's JSON as ratios to the baseline, a Markdown
+table, and a comparison of two runs.
 
 Every figure stays in the JSON; the ratios are derived here (and added to the JSON as `vs_baseline`) because under
 emulation or on a busy machine the absolute numbers mean little, while "tcp costs 2.1x the CPU per I/O of the
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from bench.report import fmt_num as _num
+from bench.report import fmt_ratio as _ratio
+from bench.report import geomean, ratio
 
 BASELINE = "baseline"  # the transport name of the raw-device rows
 DEFAULT_BASELINE = "fio on the backend volume's own device or file, on the same host"
@@ -43,11 +48,6 @@ def key(row: dict[str, Any]) -> tuple[str, str, str]:
     return row["backend"], row["transport"], row["job"]
 
 
-def ratio(value: float | None, base: float | None) -> float | None:
-    if value is None or base is None or base == 0:
-        return None
-    return value / base
-
 
 def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
     """Set `vs_baseline` on every row: each metric divided by the same job on the same backend's raw device."""
@@ -58,22 +58,6 @@ def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100_000:
-        return f"{value / 1000:.0f}k"
-    if value >= 10_000:
-        return f"{value / 1000:.1f}k"
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -128,14 +112,6 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"| {transport} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def geomean(values: list[float]) -> float | None:
-    import math
-
-    positive = [v for v in values if v and v > 0]
-    if not positive:
-        return None
-    return math.exp(sum(math.log(v) for v in positive) / len(positive))
 
 
 # ---------------------------------------------------------------- compare

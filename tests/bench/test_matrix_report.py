@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nvmetd.bench import cli, cpu, fio, plots, report
-from nvmetd.bench.runner import split_by_stage, stage_result
+from bench import report as bench_report
+from bench.matrix import cli, cpu, fio, plots, tables
+from bench.matrix.runner import split_by_stage, stage_result
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "fio"
 
@@ -156,12 +157,12 @@ def _row(transport: str, job: str, iops: float, p50: float, cpu_us: float, backe
 
 
 def _report(rows: list[dict], started: str = "t0") -> dict:
-    return {"schema": "nvmetd.bench/1", "kind": "perf", "started": started, "host": {"kernel": "6.12"},
+    return {"schema": "bench.matrix/1", "kind": "perf", "started": started, "host": {"kernel": "6.12"},
             "params": {"size": 1 << 28, "runtime_s": 10, "ramp_s": 2}, "results": rows}
 
 
 def test_ratios_are_against_the_same_backend_and_job() -> None:
-    data = report.add_ratios(_report([
+    data = tables.add_ratios(_report([
         _row("baseline", "r4k", 1000, 10, 5), _row("tcp", "r4k", 500, 25, 12),
         _row("baseline", "r4k", 2000, 4, 2, backend="nullblk"), _row("tcp", "r4k", 1000, 8, 6, backend="nullblk"),
     ]))
@@ -172,12 +173,12 @@ def test_ratios_are_against_the_same_backend_and_job() -> None:
 
 
 def test_row_without_baseline_has_no_ratio() -> None:
-    data = report.add_ratios(_report([_row("tcp", "r4k", 500, 25, 12)]))
+    data = tables.add_ratios(_report([_row("tcp", "r4k", 500, 25, 12)]))
     assert set(data["results"][0]["vs_baseline"].values()) == {None}
 
 
 def test_markdown_table_shows_values_and_ratios() -> None:
-    text = report.markdown(_report([_row("baseline", "r4k", 1000, 10, 5), _row("tcp", "r4k", 500, 25, 12)]))
+    text = tables.markdown(_report([_row("baseline", "r4k", 1000, 10, 5), _row("tcp", "r4k", 500, 25, 12)]))
     tcp_line = next(line for line in text.splitlines() if line.startswith("| r4k | tcp |"))
     assert "500 (0.50x)" in tcp_line and "25.0 (2.50x)" in tcp_line and "12.0 (2.40x)" in tcp_line
     base_line = next(line for line in text.splitlines() if line.startswith("| r4k | baseline |"))
@@ -187,27 +188,27 @@ def test_markdown_table_shows_values_and_ratios() -> None:
 
 
 def test_geomean() -> None:
-    assert report.geomean([0.5, 2.0]) == pytest.approx(1.0)
-    assert report.geomean([]) is None
+    assert bench_report.geomean([0.5, 2.0]) == pytest.approx(1.0)
+    assert bench_report.geomean([]) is None
 
 
 def test_compare_knows_which_direction_is_better() -> None:
     old = _report([_row("tcp", "r4k", 1000, 10, 5), _row("tcp", "w4k", 1000, 10, 5)], "old")
     new = _report([_row("tcp", "r4k", 800, 8, 5.2), _row("loop", "w4k", 1000, 10, 5)], "new")
-    result = report.compare(new, old, threshold=0.10)
+    result = tables.compare(new, old, threshold=0.10)
     verdicts = {(r["job"], r["metric"]): r["verdict"] for r in result["rows"]}
     assert verdicts[("r4k", "iops")] == "worse"  # 20% fewer IOPS
     assert verdicts[("r4k", "lat_p50_us")] == "better"  # 20% lower latency
     assert verdicts[("r4k", "cpu_us_per_io")] == "same"  # +4% is noise at 10%
     assert result["only_in_new"] == [["file", "loop", "w4k"]] and result["only_in_old"] == [["file", "tcp", "w4k"]]
-    text = report.compare_markdown(result)
+    text = tables.compare_markdown(result)
     worse_line = next(line for line in text.splitlines() if "| IOPS |" in line)
     assert "-20%" in worse_line and worse_line.endswith("worse |")
 
 
 def test_compare_same_run_moves_nothing() -> None:
     run = _report([_row("baseline", "r4k", 1000, 10, 5), _row("tcp", "r4k", 500, 25, 12)])
-    result = report.compare(copy.deepcopy(run), run)
+    result = tables.compare(copy.deepcopy(run), run)
     assert result["counts"]["better"] == result["counts"]["worse"] == 0
     assert plots.plot_compare(result, Path("/nonexistent")) is None
 
@@ -216,7 +217,7 @@ def test_integrity_markdown_names_the_failing_stage() -> None:
     data = {"results": [{"backend": "file", "transport": "tcp", "job_file": "integrity.fio", "passed": False,
                          "stages": [{"stage": "fill", "ok": True, "why": ""},
                                     {"stage": "readback", "ok": False, "why": "1 block(s) failed at offset 8192"}]}]}
-    line = report.integrity_markdown(data).splitlines()[-1]
+    line = tables.integrity_markdown(data).splitlines()[-1]
     assert "FAIL" in line and "readback✗" in line and "offset 8192" in line
 
 
@@ -234,7 +235,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
     written = plots.plot_all(_report(rows), tmp_path)
     assert [p.name for p in written] == ["ratios.png", "latency.png"] and all(_png(p) for p in written)
     old = _report([dict(r, iops=r["iops"] * 2) for r in rows], "old")
-    assert _png(plots.plot_compare(report.compare(_report(rows), old), tmp_path))
+    assert _png(plots.plot_compare(tables.compare(_report(rows), old), tmp_path))
 
 
 def test_parse_size() -> None:

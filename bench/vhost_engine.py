@@ -1,4 +1,4 @@
-"""`python -m vhost_nvme.bench`: engine + guest driver vs fio on the same tmpfs file; prints ratios.
+"""`python -m bench.vhost_engine`: engine + guest driver vs fio on the same tmpfs file; prints ratios.
 
 Not a test: it measures and reports.  The engine runs as its own process (one data-plane thread) and the
 guest submits from C and reaps by polling its CQ (like a Linux poll queue), so neither Python nor the
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,10 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import protocol as p
-from ._guest_c import ffi, lib
-from .guest import GuestDriver
-from .guest.driver import sqe
+from vhost_nvme._guest_c import ffi, lib
+
+from bench.report import Sample
+from vhost_nvme import protocol as p
+from vhost_nvme.guest import GuestDriver
+from vhost_nvme.guest.driver import sqe
 
 FILE_BYTES = 256 << 20
 NULL_BYTES = 1 << 30
@@ -173,21 +174,20 @@ def window_section(work: str, image: str, reps: int) -> None:
     print("paced QD1 reads with shadow doorbells (a slow guest): doorbell traps per command, median of "
           f"{reps} rounds x 200 commands")
     for i, (label, _) in enumerate(configs):
-        cells = "  ".join(f"gap {gap * 1e6:.0f} us: {statistics.median(got[(i, gap)]):.3f}" for gap in gaps)
+        cells = "  ".join(f"gap {gap * 1e6:.0f} us: {Sample.of(got[(i, gap)]).median:.3f}" for gap in gaps)
         print(f"  {label:32s} {cells}  (window at the end {wins[i] / 1e3:.0f} us)")
 
 
 def med(rs: list[Result], attr: str = "iops") -> float:
-    return statistics.median(getattr(r, attr) for r in rs)
+    return Sample.of(getattr(r, attr) for r in rs).median
 
 
-def spread(rs: list[Result], scale: float = 1e3) -> str:
-    vals = [r.iops / scale for r in rs]
-    return f"{statistics.median(vals):7.1f}K [{min(vals):6.1f}..{max(vals):6.1f}]"
+def spread(rs: list[Result]) -> str:
+    return Sample.of(r.iops for r in rs).spread(scale=1e-3) + "K"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vhost_nvme.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.vhost_engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement (default 2)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved rounds per depth (default 5)")
     ap.add_argument("--dir", default="/dev/shm", help="tmpfs directory for the test file")
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {med(rs, 'p99_us') - med(base, 'p99_us'):+.2f} us")
         for shadow in (False, True):
             rs = res[("null", 32, shadow)]
-            cores = statistics.median(r.engine_cores for r in rs)
-            per_core = statistics.median(r.iops / max(r.engine_cores, 1e-9) for r in rs)
+            cores = Sample.of(r.engine_cores for r in rs).median
+            per_core = Sample.of(r.iops / max(r.engine_cores, 1e-9) for r in rs).median
             print(f"null namespace QD32 shadow-db={'on ' if shadow else 'off'}: {spread(rs)} IOPS, engine "
                   f"using {cores:.2f} cores -> {per_core / 1e6:.2f}M IOPS per engine core (target >= 1.0M)")
         for g in guests.values():

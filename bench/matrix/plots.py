@@ -13,19 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nvmetd.bench.fio import PERCENTILES
-from nvmetd.bench.report import BASELINE, METRICS, add_ratios, metric
+from bench.matrix.fio import PERCENTILES
+from bench.matrix.tables import BASELINE, METRICS, add_ratios, metric
+from bench.report import pyplot
 
 COLORS = {"baseline": "#555555", "loop": "#1f77b4", "tcp": "#ff7f0e", "rdma": "#2ca02c", "vhost": "#d62728"}
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _color(transport: str, index: int) -> str:
@@ -33,7 +26,7 @@ def _color(transport: str, index: int) -> str:
 
 
 def plot_ratios(report: dict[str, Any], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     add_ratios(report)
     rows = report["results"]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
@@ -76,7 +69,7 @@ def plot_ratios(report: dict[str, Any], out: Path) -> Path:
 
 
 def plot_latency(report: dict[str, Any], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     rows = report["results"]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     jobs = [j for j in dict.fromkeys(r["job"] for r in rows) if j.endswith("qd1")] or \
@@ -109,7 +102,7 @@ def plot_compare(result: dict[str, Any], out: Path) -> Path | None:
     moved = [r for r in result["rows"] if r["verdict"] in ("better", "worse")]
     if not moved:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     label = {m: lbl for m, lbl, _ in METRICS}
     moved.sort(key=lambda r: r["change"])
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(moved) + 1)))

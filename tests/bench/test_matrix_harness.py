@@ -1,5 +1,5 @@
 """The harness's own plumbing on the host: disks through backends/ and the Manager, the guest fio command line,
-the initramfs library list, `nvmetctl bench` and the exit codes it shares with `python -m nvmetd.bench`."""
+the initramfs library list, `nvmetctl bench` and the exit codes it shares with `python -m bench.matrix`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.matrix import cli as bench_cli
+from bench.matrix import fio, transports
+from bench.matrix.disks import Site, provision, read_behind, write_behind
+from bench.matrix.runner import Options, PerfOptions, _transports, run_perf
+from bench.matrix.transports import Attachment, Transport, TransportError
+from bench.matrix.vhost import guest_fio_command, split_guest_output
 from nvmetd import cli as nvmetctl
-from nvmetd.bench import cli as bench_cli
-from nvmetd.bench import fio, transports
-from nvmetd.bench.disks import Site, provision, read_behind, write_behind
-from nvmetd.bench.runner import Options, PerfOptions, _transports, run_perf
-from nvmetd.bench.transports import Attachment, Transport, TransportError
-from nvmetd.bench.vhost import guest_fio_command, split_guest_output
 from vhost_nvme.vm import shared_libraries
 
 MIB = 1 << 20
@@ -112,7 +112,7 @@ def test_both_entry_points_share_exit_codes(main, tmp_path: Path, capsys: pytest
     unwritable = tmp_path / "ro"
     unwritable.mkdir()
     good = unwritable / "report.json"
-    good.write_text(json.dumps({"schema": "nvmetd.bench/1", "kind": "integrity", "results": [], "params": {},
+    good.write_text(json.dumps({"schema": "bench.matrix/1", "kind": "integrity", "results": [], "params": {},
                                 "passed": False}))
     assert main(["bench", "report", str(good), "--out", str(good / "sub")]) == 3  # an OSError: the system
     assert "error:" in capsys.readouterr().err

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from nvmetd.bench import disks, fio
-from nvmetd.bench.cpu import CpuSampler
-from nvmetd.bench.disks import Disk, Site
-from nvmetd.bench.report import BASELINE
-from nvmetd.bench.transports import Attachment, Transport, TransportError, make_transport
+from bench.matrix import disks, fio
+from bench.matrix.cpu import CpuSampler
+from bench.matrix.disks import Disk, Site
+from bench.matrix.tables import BASELINE
+from bench.matrix.transports import Attachment, Transport, TransportError, make_transport
 from target.configfs import ConfigFS
 
-SCHEMA = "nvmetd.bench/1"
+SCHEMA = "bench.matrix/1"
 
 
 class Progress(Protocol):

@@ -1,5 +1,5 @@
-"""`python -m backends.bench`: what each backend costs on the path a guest sees, run inside the rig
-(`python -m rig --memory 4G -- .venv/bin/python -m backends.bench`).
+"""`python -m bench.backend_io`: what each backend costs on the path a guest sees, run inside the rig
+(`python -m rig --memory 4G -- .venv/bin/python -m bench.backend_io`).
 
 All pools are made in turn on the same loop device (a sparse file on tmpfs), and the raw loop device itself, served as a
 namespace the same way, is the baseline: each figure is a ratio against it, so the transport and the emulated CPU
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 from backends import BackendError, create_pool, destroy_pool
 from backends.base import Backend
+from bench.report import Metric, Report, Sample
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import TargetState, parse_state
@@ -40,7 +40,7 @@ class Row:
     name: str
     iops_4k: float = 0.0
     seq_128k: float = 0.0  # bytes/s
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, Sample] = field(default_factory=dict)
     note: str = ""
 
 
@@ -103,8 +103,7 @@ def management_latency(pool: Backend, row: Row, rounds: int, **opts: Any) -> Non
         creates.append(timed(lambda i=i: pool.create(f"lat{i}", "64M", **opts)))
         snaps.append(timed(lambda i=i: pool.snapshot(f"lat{i}", "s")))
         clones.append(timed(lambda i=i: pool.clone(f"lat{i}", "s", f"lat{i}c")))
-    row.latency_ms = {"create": statistics.median(creates), "snapshot": statistics.median(snaps),
-                      "clone": statistics.median(clones)}
+    row.latency_ms = {"create": Sample.of(creates), "snapshot": Sample.of(snaps), "clone": Sample.of(clones)}
     for i in range(rounds):
         pool.delete(f"lat{i}c")
         pool.delete_snapshot(f"lat{i}", "s")
@@ -149,28 +148,32 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def print_table(rows: list[Row], raw: Row) -> None:
-    print(f"\n{'backend':34} {'4k randwrite':>14} {'ratio':>6} {'128k seq write':>15} {'ratio':>6} "
-          f"{'create':>8} {'snapshot':>9} {'clone':>8}")
+METRICS = [Metric("iops_4k", "4k randwrite IOPS", True), Metric("seq_128k_MiBps", "128k seq write MiB/s", True),
+           Metric("create_ms", "create ms", False), Metric("snapshot_ms", "snapshot ms", False),
+           Metric("clone_ms", "clone ms", False)]
+
+
+def as_report(rows: list[Row], raw: Row, args: argparse.Namespace) -> Report:
+    report = Report("backends through nvme-tcp", raw.name, METRICS,
+                    params={"runtime_s": args.runtime, "size": args.size, "rounds": args.rounds})
     for row in [raw, *rows]:
-        lat = row.latency_ms
-        cells = [f"{lat[k]:7.0f}ms" if k in lat else f"{'-':>9}" for k in ("create", "snapshot", "clone")]
-        iops_ratio = row.iops_4k / raw.iops_4k if raw.iops_4k else 0
-        bw_ratio = row.seq_128k / raw.seq_128k if raw.seq_128k else 0
-        print(f"{row.name:34} {row.iops_4k:10.0f} IOPS {iops_ratio:6.2f} {row.seq_128k / MIB:10.1f} MiB/s "
-              f"{bw_ratio:6.2f} {' '.join(cells)}{('  ' + row.note) if row.note else ''}")
+        report.add(row.name, iops_4k=row.iops_4k or None, seq_128k_MiBps=(row.seq_128k / MIB) or None,
+                   **{f"{k}_ms": v for k, v in row.latency_ms.items()})
+        if row.note:
+            report.notes.append(f"{row.name}: {row.note}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backends.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.backend_io", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run (after 1 s ramp)")
     parser.add_argument("--size", type=int, default=256 * MIB, help="volume size in bytes")
     parser.add_argument("--rounds", type=int, default=3, help="create/snapshot/clone repetitions (median)")
     parser.add_argument("--only", default="", help="comma-separated case-name substrings to run")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--out", type=Path, help="write report.json, report.md and ratios.png into this directory")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("bench: run it as root inside the rig: python -m rig -- .venv/bin/python -m backends.bench",
+        print("bench: run it as root inside the rig: python -m rig -- .venv/bin/python -m bench.backend_io",
               file=sys.stderr)
         return 2
     subprocess.run(["modprobe", "-a", "nvmet", "nvmet-tcp", "nvme-tcp", "loop", "dm-thin-pool", "dm-crypt"],
@@ -201,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         unserve(cfs)
         subprocess.run(["losetup", "--detach", loop], check=False)
         shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, raw)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([vars(r) for r in [raw, *rows]], indent=1))
+    report = as_report(rows, raw, args)
+    print(report.markdown())
+    if args.out:
+        print("wrote " + ", ".join(str(p) for p in report.write(args.out, png=False)) +
+              f" (plot it on the host: python -m bench.report {args.out}/report.json)")
     return 1 if any(r.note.startswith("FAILED") for r in rows) else 0
 
 

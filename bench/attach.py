@@ -16,12 +16,10 @@ Runs as root on a kernel with nvmet (`make bench-attach` boots the 6.12 rig VM).
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,7 @@ from typing import Any
 import httpx
 
 from backends import pools
+from bench.report import Metric, Report, Sample
 from nvmetd.manager import Manager
 from nvmetd.vms import Attachment, new_vm
 from target.apply import apply_state
@@ -54,12 +53,10 @@ class Row:
     setup_seconds: float = 0.0
 
     def median_ms(self, values: list[float]) -> float:
-        return statistics.median(values) * 1e3 if values else float("nan")
+        return Sample.of(values).median * 1e3
 
     def p90_ms(self) -> float:
-        if len(self.latencies) < 2:
-            return self.median_ms(self.latencies)
-        return statistics.quantiles(self.latencies, n=10)[-1] * 1e3
+        return Sample.of(self.latencies).p90 * 1e3
 
 
 class Bench:
@@ -181,6 +178,21 @@ def read_first_block(device: str) -> None:
         os.close(fd)
 
 
+METRICS = [Metric("attach_ms", "attach-to-usable ms", False), Metric("detach_ms", "detach ms", False),
+           Metric("changes", "configfs changes/attach", False),
+           Metric("reads_per_reconcile", "configfs reads/reconcile", False)]
+
+
+def as_report(rows: list[Row]) -> Report:
+    report = Report("attach-to-usable over loop, by VMs already attached", "0 VMs", METRICS,
+                    notes=["attach-to-usable: API PUT -> first 4 KiB O_DIRECT read of the new namespace on this host"])
+    for row in rows:
+        report.add(f"{row.vms} VMs", attach_ms=Sample.of(v * 1e3 for v in row.latencies),
+                   detach_ms=Sample.of(v * 1e3 for v in row.detach), changes=Sample.of(row.changes),
+                   reads_per_reconcile=row.reads_per_reconcile)
+    return report
+
+
 def print_table(rows: list[Row]) -> None:
     base = rows[0]
     print("\nattach-to-usable over loop: API PUT -> first 4 KiB O_DIRECT read of the new namespace on this host")
@@ -188,20 +200,20 @@ def print_table(rows: list[Row]) -> None:
           f"{'cfs reads/reconcile':>19} {'detach ms':>10} {'setup s':>8}")
     for row in rows:
         ratio = row.median_ms(row.latencies) / base.median_ms(base.latencies)
-        changes = statistics.median(row.changes) if row.changes else float("nan")
+        changes = Sample.of(row.changes).median
         print(f"{row.vms:>12} {len(row.latencies):>4} {row.median_ms(row.latencies):>10.1f} {row.p90_ms():>9.1f} "
               f"{ratio:>8.2f}x {changes:>11.0f} {row.reads_per_reconcile:>19} {row.median_ms(row.detach):>10.1f} "
               f"{row.setup_seconds:>8.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nvmetd.bench_attach", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.attach", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50, help="attaches measured with no other VM")
     parser.add_argument("--sizes", default="10,100,500", help="numbers of VMs already attached")
     parser.add_argument("--samples-at-size", type=int, default=15, help="attaches measured at each size")
     parser.add_argument("--budget", type=float, default=1800.0,
                         help="seconds: no new size is started after this; what was measured is printed")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--out", type=Path, help="write report.json and report.md into this directory")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if os.geteuid() != 0:
@@ -247,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_table(rows)
     print(f"\ntotal {time.monotonic() - t0:.0f} s; figures from a TCG guest are for ratios, not absolutes")
-    if args.json:
-        args.json.write_text(json.dumps([{"vms": r.vms, "latencies_s": r.latencies, "detach_s": r.detach,
-                                          "configfs_changes": r.changes, "reads_per_reconcile": r.reads_per_reconcile,
-                                          "setup_s": r.setup_seconds} for r in rows], indent=1))
+    if args.out:
+        report = as_report(rows)
+        report.params = {"setup_s": {f"{r.vms} VMs": r.setup_seconds for r in rows}}
+        print("wrote " + ", ".join(str(p) for p in report.write(args.out, png=False)) +
+              f" (plot it on the host: python -m bench.report {args.out}/report.json)")
     return 0
 
 

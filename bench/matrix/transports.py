@@ -7,7 +7,7 @@ loop the Manager connects this host itself and for tcp/rdma this host connects w
 would; the namespace is found by NQN and NSID (never by /dev/nvmeXnY numbering).
 
 A transport may bring its own baseline (`baseline`), when the raw device on this host is not the fair comparison:
-vhost's is the same guest on QEMU's emulated NVMe device (nvmetd/bench/vhost.py).
+vhost's is the same guest on QEMU's emulated NVMe device (bench/matrix/vhost.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from bench.matrix import fio
+from bench.matrix.disks import RDMA_TARGET_ADDR, Disk, Site
+from bench.matrix.tables import DEFAULT_BASELINE
 from nvmetd import initiator
-from nvmetd.bench import fio
-from nvmetd.bench.disks import RDMA_TARGET_ADDR, Disk, Site
-from nvmetd.bench.report import DEFAULT_BASELINE
 from nvmetd.errors import SystemProblem, UserError
 
 RDMA_HOST_ADDR, RDMA_PREFIX = "192.0.2.2", 24
@@ -207,7 +207,7 @@ class RdmaTransport(FabricTransport):
 
 
 # vhost.py builds on the classes above (its import of this module finds them defined)
-from nvmetd.bench.vhost import VhostTransport  # noqa: E402
+from bench.matrix.vhost import VhostTransport  # noqa: E402
 
 TRANSPORTS: dict[str, Callable[..., Transport]] = {
     "loop": LoopTransport,

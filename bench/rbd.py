@@ -1,5 +1,5 @@
-"""`python -m backends.bench_rbd`: what exporting an RBD image through nvmet costs, and what a two-OSD outage costs,
-inside the rig (`python -m rig -- .venv/bin/python -m backends.bench_rbd`).
+"""`python -m bench.rbd`: what exporting an RBD image through nvmet costs, and what a two-OSD outage costs,
+inside the rig (`python -m rig -- .venv/bin/python -m bench.rbd`).
 
 One test cluster (tests/kernel/ceph_cluster.py: 1 mon, 1 mgr, 3 BlueStore OSDs on loop devices), one rbd pool, one
 image mapped with krbd. Baseline: fio on the mapped `/dev/rbdN` itself; then the same image as an nvmet namespace
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.kernel.backend_rig import Loops
     from tests.kernel.ceph_cluster import OSDS, Cluster
 
-    parser = argparse.ArgumentParser(prog="python -m backends.bench_rbd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.rbd", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
     args = parser.parse_args(argv)
     subprocess.run(["modprobe", "-a", "loop", "rbd", "nvmet", "nvmet-tcp", "nvme-loop", "nvme-tcp"], check=False)

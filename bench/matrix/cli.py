@@ -1,4 +1,4 @@
-"""`python -m nvmetd.bench`: the command line of the fio harness; `nvmetctl bench` mounts the same group.
+"""`python -m bench.matrix`: the command line of the fio harness; `nvmetctl bench` mounts the same group.
 
 Writes everything into one directory per run (default bench-out/<kind>-<time>/): report.json (every figure),
 report.md (the table), PNG plots. Progress goes to stderr, so `--json` output on stdout stays clean.
@@ -18,11 +18,11 @@ from typing import Any
 
 import click
 
-from nvmetd.bench import plots, report
-from nvmetd.bench.disks import BACKENDS
-from nvmetd.bench.progress import RichProgress
-from nvmetd.bench.runner import IntegrityOptions, PerfOptions, needs_nvmet, run_integrity, run_perf
-from nvmetd.bench.transports import TRANSPORTS
+from bench.matrix import plots, tables
+from bench.matrix.disks import BACKENDS
+from bench.matrix.runner import IntegrityOptions, PerfOptions, needs_nvmet, run_integrity, run_perf
+from bench.matrix.transports import TRANSPORTS
+from bench.report import RichProgress
 from nvmetd.errors import EXIT_NOT_CONVERGED, SystemProblem, run_cli
 from target.configfs import NVMET_ROOT, ConfigFS
 
@@ -67,7 +67,7 @@ def _load(path: Path) -> dict[str, Any]:
         raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise click.UsageError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("nvmetd.bench/"):
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("bench.matrix/"):
         raise click.UsageError(f"{path} is not an nvmetd bench report")
     return data
 
@@ -84,7 +84,7 @@ def _target(transports: list[str]) -> ConfigFS | None:
     subprocess.run(["modprobe", "-q", "nvmet"], check=False, capture_output=True)
     if not NVMET_ROOT.is_dir():
         raise HostError(f"{NVMET_ROOT} does not exist: this kernel has no nvmet (run it in the rig: "
-                        "`.venv/bin/python -m rig -- .venv/bin/python -m nvmetd.bench ...`)")
+                        "`.venv/bin/python -m rig -- .venv/bin/python -m bench.matrix ...`)")
     return ConfigFS()
 
 
@@ -96,10 +96,10 @@ def _write(out: Path, name: str, text: str) -> Path:
 
 def _compare_into(new: dict[str, Any], old: dict[str, Any], out: Path, threshold: float,
                   draw: bool = True) -> dict[str, Any]:
-    result = report.compare(new, old, threshold)
+    result = tables.compare(new, old, threshold)
     out.mkdir(parents=True, exist_ok=True)
     _write(out, "compare.json", json.dumps(result, indent=2))
-    _write(out, "compare.md", report.compare_markdown(result))
+    _write(out, "compare.md", tables.compare_markdown(result))
     if draw:
         plots.plot_compare(result, out)
     return result
@@ -155,10 +155,10 @@ def perf(backends: list[str], transports: list[str], out: Path | None, workdir: 
     options = PerfOptions(backends=backends, transports=transports, size=size, workdir=workdir, trsvcid=trsvcid,
                           rdma_traddr=rdma_traddr, job_file=job_file, jobs=list(jobs), runtime=runtime, ramp=ramp)
     with RichProgress() as progress:
-        data = report.add_ratios(run_perf(options, cfs, progress))
+        data = tables.add_ratios(run_perf(options, cfs, progress))
     out = _out_dir(out, "perf")
     _write(out, "report.json", json.dumps(data, indent=2))
-    table = _write(out, "report.md", report.markdown(data))
+    table = _write(out, "report.md", tables.markdown(data))
     if plots_now is None:
         plots_now = not os.environ.get("NVMETD_IN_RIG")
     pngs = plots.plot_all(data, out) if plots_now else []
@@ -172,7 +172,7 @@ def perf(backends: list[str], transports: list[str], out: Path | None, workdir: 
             click.echo((out / "compare.md").read_text())
     click.echo(f"wrote {out}/report.json, {table}" + "".join(f", {p}" for p in pngs), err=True)
     if not plots_now:
-        click.echo(f"plots: run `.venv/bin/python -m nvmetd.bench report {out}/report.json` on the host", err=True)
+        click.echo(f"plots: run `.venv/bin/python -m bench.matrix report {out}/report.json` on the host", err=True)
 
 
 @bench.command()
@@ -191,7 +191,7 @@ def integrity(backends: list[str], transports: list[str], out: Path | None, work
         data = run_integrity(options, cfs, progress)
     out = _out_dir(out, "integrity")
     _write(out, "report.json", json.dumps(data, indent=2))
-    table = _write(out, "report.md", report.integrity_markdown(data))
+    table = _write(out, "report.md", tables.integrity_markdown(data))
     click.echo(json.dumps(data, indent=2) if as_json else table.read_text())
     click.echo(f"integrity: {'PASSED' if data['passed'] else 'FAILED'}; wrote {out}/report.json", err=True)
     if not data["passed"]:
@@ -207,9 +207,9 @@ def render(run: Path, out: Path | None) -> None:
     out = out or run.parent
     out.mkdir(parents=True, exist_ok=True)
     if data.get("kind") == "integrity":
-        click.echo(_write(out, "report.md", report.integrity_markdown(data)).read_text())
+        click.echo(_write(out, "report.md", tables.integrity_markdown(data)).read_text())
         return
-    click.echo(_write(out, "report.md", report.markdown(report.add_ratios(data))).read_text())
+    click.echo(_write(out, "report.md", tables.markdown(tables.add_ratios(data))).read_text())
     plots.plot_all(data, out)
 
 
@@ -222,11 +222,11 @@ def render(run: Path, out: Path | None) -> None:
 def compare_cmd(new: Path, old: Path, out: Path | None, threshold: float, as_json: bool) -> None:
     """What changed between two perf runs (NEW against OLD)."""
     result = _compare_into(_load(new), _load(old), out or new.parent, threshold)
-    click.echo(json.dumps(result, indent=2) if as_json else report.compare_markdown(result))
+    click.echo(json.dumps(result, indent=2) if as_json else tables.compare_markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(bench, argv, "python -m nvmetd.bench", "bench")
+    return run_cli(bench, argv, "python -m bench.matrix", "bench")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nvmetd.bench import fio
-from nvmetd.bench.disks import Disk, Site
-from nvmetd.bench.transports import Attachment, Transport, TransportError
+from bench.matrix import fio
+from bench.matrix.disks import Disk, Site
+from bench.matrix.transports import Attachment, Transport, TransportError
 
 if TYPE_CHECKING:
     from vhost_nvme.vm import VM

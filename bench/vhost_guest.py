@@ -1,4 +1,4 @@
-"""`python -m vhost_nvme.vm.bench`: 4 KiB random reads at QD1 inside a TCG guest, through vhost-user-nvme (the
+"""`python -m bench.vhost_guest`: 4 KiB random reads at QD1 inside a TCG guest, through vhost-user-nvme (the
 vhost_nvme engine) and through QEMU's own emulated ``-device nvme``, on the same backing file; prints the
 figures and the ratios.
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import VM, EngineProcess, qemu_binary
+from bench.report import Metric, Report, Sample
+from vhost_nvme.vm import VM, EngineProcess, qemu_binary
 
 MiB = 1 << 20
 
@@ -51,10 +51,11 @@ def measure(vm: VM, seconds: float) -> Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vhost_nvme.vm.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.vhost_guest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10, help="measurement per round and device (default 10)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per device (default 2)")
     ap.add_argument("--size-mib", type=int, default=256, help="backing file size (default 256)")
+    ap.add_argument("--out", type=Path, help="write report.json, report.md and ratios.png into this directory")
     ap.add_argument("--dir", type=Path, default=None, help="where the backing file and logs go (default: a tmpdir)")
     args = ap.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.stop()
 
     def med(runs: list[Run], key: str) -> float:
-        return statistics.median(getattr(x, key) for x in runs)
+        return Sample.of(getattr(x, key) for x in runs).median
 
     v_iops, e_iops = med(vhost, "iops"), med(emulated, "iops")
     v_p50, e_p50 = med(vhost, "p50_us"), med(emulated, "p50_us")
@@ -98,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'-device nvme (QEMU emulated)':<34}{e_iops:>10.0f}{e_p50:>10.0f}{e_p99:>10.0f}")
     print(f"ratio vhost/emulated: IOPS {v_iops / e_iops:.2f}x, p50 latency {v_p50 / e_p50:.2f}x "
           f"(lower is better), p99 latency {v_p99 / e_p99:.2f}x")
+    if args.out:
+        report = Report("4 KiB random read, QD1, O_DIRECT, TCG guest", "-device nvme (QEMU emulated)",
+                        [Metric("iops", "IOPS", True), Metric("p50_us", "p50 us", False),
+                         Metric("p99_us", "p99 us", False)],
+                        params={"seconds": args.seconds, "rounds": args.rounds, "size_mib": args.size_mib})
+        for label, runs in (("-device nvme (QEMU emulated)", emulated), ("vhost-user-nvme", vhost)):
+            report.add(label, **{k: Sample.of(getattr(r, k) for r in runs) for k in ("iops", "p50_us", "p99_us")})
+        print("wrote " + ", ".join(str(p) for p in report.write(args.out)))
     if cqes:
         print(f"engine: {traps} I/O doorbell traps for {cqes} completions ({traps / cqes:.3f} per I/O, shadow "
               f"doorbells on)")
