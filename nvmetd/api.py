@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
-from backends.errors import BackendError, NotFoundError
+from backends.errors import BackendError, NotFoundError, UnavailableError
 from nvmetd import pool_ops
 from nvmetd.api_target import target_router
 from nvmetd.errors import SystemProblem, Unsupported, UserError
@@ -195,7 +195,7 @@ def create_app(manager: Manager) -> FastAPI:
     # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
     refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
                                             SystemProblem: 503, NotFoundError: 404, BackendError: 409,
-                                            FeatureError: 409, ConfigfsError: 503}
+                                            FeatureError: 409, ConfigfsError: 503, UnavailableError: 503}
     for kind, status in refusals.items():
         async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return _error(status, str(exc))
