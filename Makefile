@@ -3,7 +3,7 @@ STAMP := .venv/.setup-done
 # `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
 DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli lint clean
+.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -19,6 +19,10 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	scripts/test
+
+# the kernel tests too long for CI (a Ceph cluster, a software DPU, nested QEMU), in one rig boot
+test-long: $(STAMP)
+	.venv/bin/python -m rig --timeout 7200 -- .venv/bin/python -m pytest -m "kernel and long" -p no:cacheprovider --durations=15
 
 # fio matrix in the rig VM (every backend x transport vs the raw device), then the plots on the host (fast there).
 BENCH_OUT ?= bench-out/latest

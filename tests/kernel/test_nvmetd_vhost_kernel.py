@@ -83,23 +83,25 @@ def _guest(att: dict) -> GuestDriver:
 
 
 def _checksummed(g: GuestDriver, nsid: int, rng: random.Random, blocks: int) -> dict[int, int]:
+    """Random 4 KiB blocks, keyed by byte offset (a file namespace has 4 KiB LBAs, a block device 512 B)."""
+    lba = g.lba_size(nsid)
     written: dict[int, int] = {}
     for _ in range(blocks):
-        slba = rng.randrange(0, DISK_BYTES // 512 - 8) & ~7
+        offset = rng.randrange(0, DISK_BYTES // 4096) * 4096
         data = rng.randbytes(4096)
-        assert g.write(1, nsid, slba, data).status == 0
-        written[slba] = google_crc32c.value(data)
-    for slba, crc in written.items():
-        cqe, data = g.read(1, nsid, slba, 8)
-        assert cqe.status == 0 and google_crc32c.value(data) == crc, f"nsid {nsid} LBA {slba}"
+        assert g.write(1, nsid, offset // lba, data, lba_size=lba).status == 0
+        written[offset] = google_crc32c.value(data)
+    for offset, crc in written.items():
+        cqe, data = g.read(1, nsid, offset // lba, 4096 // lba, lba_size=lba)
+        assert cqe.status == 0 and google_crc32c.value(data) == crc, f"nsid {nsid} offset {offset}"
     return written
 
 
 def _on_file(path: Path, written: dict[int, int]) -> None:
     with open(path, "rb") as f:
-        for slba, crc in written.items():
-            f.seek(slba * 512)
-            assert google_crc32c.value(f.read(4096)) == crc, f"{path} LBA {slba}"
+        for offset, crc in written.items():
+            f.seek(offset)
+            assert google_crc32c.value(f.read(4096)) == crc, f"{path} offset {offset}"
 
 
 @pytest.fixture(scope="module")
@@ -178,16 +180,18 @@ def test_kill9_of_nvmetd_during_guest_io_and_restart_with_no_writes(daemon: Daem
     ios = [0]  # checksummed 4 KiB writes + reads completed
     last: dict[int, int] = {}
 
+    lba = g.lba_size(1)
+
     def io() -> None:
         rng = random.Random(9)
         try:
             while not stop.is_set():
-                slba = rng.randrange(0, DISK_BYTES // 512 - 8) & ~7
+                offset = rng.randrange(0, DISK_BYTES // 4096) * 4096
                 data = rng.randbytes(4096)
-                assert g.write(1, 1, slba, data).status == 0
-                cqe, back = g.read(1, 1, slba, 8)
-                assert cqe.status == 0 and back == data, f"LBA {slba}"
-                last[slba] = google_crc32c.value(data)
+                assert g.write(1, 1, offset // lba, data, lba_size=lba).status == 0
+                cqe, back = g.read(1, 1, offset // lba, 4096 // lba, lba_size=lba)
+                assert cqe.status == 0 and back == data, f"offset {offset}"
+                last[offset] = google_crc32c.value(data)
                 ios[0] += 1
         except BaseException as exc:  # reported by the test thread
             errors.append(exc)

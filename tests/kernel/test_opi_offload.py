@@ -33,7 +33,7 @@ from tests.kernel.backend_rig import Loops, need
 from tests.kernel.service_fixture import Daemon
 from vhost_nvme.guest import GuestDriver
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.long]
 
 MIB = 1 << 20
 

@@ -27,7 +27,7 @@ from tests.kernel.backend_rig import MIB, Loops, contains, device_size, need, wr
 from tests.kernel.ceph_cluster import OSDS, Cluster
 from tests.kernel.service_fixture import Daemon
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.long]
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:6c1e2a3b-4d5e-4f60-8172-93a4b5c6d7e8"
 SUB_TCP, SUB_LOOP = "nqn.2026-11.io.nvmetd:rbd-tcp", "nqn.2026-11.io.nvmetd:rbd-loop"

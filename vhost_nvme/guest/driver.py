@@ -297,6 +297,13 @@ class GuestDriver:
         cqe = self.admin(AdminOpc.IDENTIFY, nsid=nsid, prp1=buf, cdw10=cns)
         return cqe, self.mem.read(buf, PAGE_SIZE)
 
+    def lba_size(self, nsid: int) -> int:
+        """The namespace's LBA size in bytes (Identify Namespace: FLBAS selects an LBA format, LBADS its size)."""
+        cqe, data = self.identify(Cns.NAMESPACE, nsid=nsid)
+        if cqe.status:
+            raise GuestDriverError(f"Identify Namespace {nsid} failed with status {cqe.status:#x}")
+        return 1 << data[128 + 4 * (data[26] & 0xF) + 2]
+
     def get_log(self, lid: int, nbytes: int, nsid: int = 0xFFFFFFFF, offset: int = 0,
                 rae: bool = False) -> tuple[Cqe, bytes]:
         buf = self.mem.alloc(nbytes)
