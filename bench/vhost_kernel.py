@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--idle-seconds", type=float, default=5.0, help="idle window of the per-VM section")
     ap.add_argument("--out", type=Path, default=Path("bench-out/vhost-kernel"), help="report directory")
+    ap.add_argument("--only-vms", action="store_true", help="only the idle-VMs section (memory and CPU per VM)")
     args = ap.parse_args(argv)
     loaded = subprocess.run(["modprobe", "-a", "null_blk", "nvmet", "nvme-loop", "nvmet-vhost"], check=False)
     if shutil.which("fio") is None or loaded.returncode or not Path("/dev/vhost-nvme").exists():
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     loop_dev = ""
     try:
         export(cfs, dev)
+        if args.only_vms:
+            for line in per_vm_section(dev, nblocks, work, args.idle_seconds):
+                print(line)
+            return 0
         loop_dev = loop_device()
         layout = [(0x1000_0000, 64 << 20)]
         guests["kernel"] = kernel_guest(nblocks, layout)

@@ -200,6 +200,7 @@ class Manager:
             vhost_devices = {disk: self._device(doc, disk) for other in self._vms(doc).values()
                              for disk, a in other.attachments.items() if a.transport == "vhost"}
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, vhost_devices)))
+        crash_point("reconcile.after_kernel")
         gone = set(before.attachments) - set(vm.attachments) if before is not None else set()
         self._release(doc, gone)
         if not result.converged:
