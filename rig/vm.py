@@ -6,6 +6,7 @@ One boot serves a whole test session: the caller passes the complete command (e.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -23,6 +24,8 @@ KERNEL_GLOB = "vmlinuz-6.12.*-amd64"
 PASSED_ENV = ("CI", "NVMETD_", "PYTEST_ADDOPTS", "BENCH_")
 # Where the guest's pytest names the test it is running (tests/conftest.py), so a timeout can say which one hung.
 PROGRESS_ENV = "NVMETD_RIG_PROGRESS"
+# On a shared development machine, at most this many rig VMs boot at once (unset: no limit; CI runs one).
+SLOTS_ENV = "NVMETD_RIG_SLOTS"
 
 
 class RigError(Exception):
@@ -119,7 +122,38 @@ def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 
     progress.unlink(missing_ok=True)
     argv = build_argv(command, memory, cpus, workdir, progress)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return supervise(argv, {**os.environ, "PATH": path}, timeout, progress)
+    with rig_slot(os.environ.get(SLOTS_ENV, "")):
+        return supervise(argv, {**os.environ, "PATH": path}, timeout, progress)
+
+
+@contextlib.contextmanager
+def rig_slot(slots: str, lock_dir: Path = Path("/tmp")):
+    """Hold one of `slots` machine-wide VM slots while the rig runs.
+
+    TCG VMs share the host's cores: two cores running eight VMs made one test take eight minutes, and the runs'
+    timeouts fired on work that was only starved. An flock dies with its holder, so a killed run frees its slot."""
+    if not slots:
+        yield
+        return
+    count = max(1, int(slots))
+    files = [open(lock_dir / f"nvmetd-rig-slot.{i}", "a") for i in range(count)]  # noqa: SIM115
+    try:
+        announced = False
+        while True:
+            for handle in files:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                yield
+                return
+            if not announced:
+                print(f"rig: waiting for one of {count} VM slots ({SLOTS_ENV})", file=sys.stderr, flush=True)
+                announced = True
+            threading.Event().wait(2)
+    finally:
+        for handle in files:
+            handle.close()
 
 
 def supervise(argv: list[str], env: dict[str, str], timeout: float, progress: Path) -> int:
