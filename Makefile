@@ -1,18 +1,28 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first if needed.
 STAMP := .venv/.setup-done
+# `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
+DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test bench bench-vhost bench-target bench-backends bench-attach bench-tls lint clean
+.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
 	scripts/setup
+	touch $@ $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml scripts/setup vhost_nvme/apt-packages.txt
+	scripts/setup --demo
 	touch $@
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	.venv/bin/python -m rig -- .venv/bin/python -m nvmetd.demo
 
 test: $(STAMP)
 	scripts/test
+
+# the kernel tests too long for CI (a Ceph cluster, a software DPU), in one rig boot
+test-long: $(STAMP)
+	.venv/bin/python -m rig --timeout 7200 -- .venv/bin/python -m pytest -m "kernel and long" -p no:cacheprovider --durations=15
 
 # fio matrix in the rig VM (every backend x transport vs the raw device), then the plots on the host (fast there).
 BENCH_OUT ?= bench-out/latest
@@ -25,6 +35,11 @@ bench: $(STAMP)
 BENCH_VHOST_ARGS ?= --size 64M --runtime 5 --ramp 1
 bench-vhost: $(STAMP)
 	.venv/bin/python -m bench.matrix perf --transport vhost --backend file --out bench-out/vhost $(BENCH_VHOST_ARGS)
+
+# the in-kernel vhost-nvme transport vs the engine vs nvme-loop vs the raw device, one null_blk, in the rig
+BENCH_VHOST_KERNEL_ARGS ?=
+bench-vhost-kernel: $(STAMP)
+	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m bench.vhost_kernel $(BENCH_VHOST_KERNEL_ARGS)
 
 # control plane: 1,000 subsystems into an empty tree, re-apply, one more (add NVMETCLI_SRC=dir for the baseline)
 bench-target: $(STAMP)
@@ -41,6 +56,10 @@ bench-tls: $(STAMP)
 BENCH_ATTACH_ARGS ?=
 bench-attach: $(STAMP)
 	.venv/bin/python -m rig --memory 4G --timeout 7200 -- .venv/bin/python -m bench.attach $(BENCH_ATTACH_ARGS)
+
+# nvmetctl start-up and an attach round trip with 1,000 VMs on a fake configfs tree (host, no kernel)
+bench-cli: $(STAMP)
+	.venv/bin/python -m bench.cli_startup $(BENCH_CLI_ARGS)
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

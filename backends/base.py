@@ -388,6 +388,12 @@ class Backend(ABC):
             raise BackendError(f"volume {name!r} is not attached: attach it first")
         return str(luks.MAPPER / self.mapname(name)) if self._luks(vol) else self._raw_device(vol)
 
+    def open_path(self, name: str) -> str:
+        """The path `attach` returns, computed without opening anything: what read-only callers (diff, status,
+        export) put in the desired tree, so that printing it never activates a volume or opens a LUKS mapping."""
+        vol = self._get(self.ledger.load(), name)
+        return str(luks.MAPPER / self.mapname(name)) if self._luks(vol) else self._raw_device(vol)
+
     # ------------------------------------------------------------------ reporting and quotas
     def info(self, name: str, doc: dict[str, Any] | None = None) -> VolumeInfo:
         if doc is None:

@@ -1,5 +1,6 @@
 """`python -m backends ...`: the volume layer by hand, for operators and scripts. Output is JSON; a refused or failed
-operation prints one line saying why and exits 1 (never a traceback)."""
+operation prints one line saying why and exits 1, or 3 when the storage system itself cannot be used (never a
+traceback)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from backends import names
-from backends.errors import BackendError
+from backends.errors import BackendError, UnavailableError
 from backends.pools import create_pool, destroy_pool, list_pools, open_pool
 
 
@@ -20,12 +21,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("pool-create", help="create a pool")
-    c.add_argument("kind", choices=["file", "lvm", "zfs", "nullblk"])
+    c.add_argument("kind", choices=["file", "lvm", "zfs", "nullblk", "rbd"])
     c.add_argument("pool")
     c.add_argument("devices", nargs="*", help="block devices (lvm, zfs) or one directory (file)")
     c.add_argument("--fill-threshold", type=float, default=90.0)
     c.add_argument("--capacity", help="file/nullblk: budget in bytes (e.g. 10G)")
     c.add_argument("--thin-pool-percent", type=int, help="lvm: share of the VG for the thin pool")
+    for opt, text in (("--conf", "the cluster's ceph.conf"), ("--keyring", "client keyring, 0600"),
+                      ("--user", "cephx user (default admin)"), ("--ceph-pool", "Ceph pool to create"),
+                      ("--failure-domain", "CRUSH type holding each copy (default host)"),
+                      ("--pool-compression", "BlueStore compression of the Ceph pool")):
+        c.add_argument(opt, help=f"rbd: {text}")
+    for opt in ("--size", "--min-size", "--pg-num"):
+        c.add_argument(opt, type=int, help="rbd: copies (default 3), copies needed for I/O (default 1), PGs")
     for name in ("pool-destroy", "pool-status", "recover", "list"):
         s = sub.add_parser(name)
         s.add_argument("pool")
@@ -80,6 +88,10 @@ def run(args: argparse.Namespace) -> Any:
             opts["capacity"] = names.size(args.capacity, "capacity")
         if args.thin_pool_percent:
             opts["thin_pool_percent"] = args.thin_pool_percent
+        rbd = {"conf": args.conf, "keyring": args.keyring, "user": args.user, "ceph_pool": args.ceph_pool,
+               "failure_domain": args.failure_domain, "compression": args.pool_compression, "size": args.size,
+               "min_size": args.min_size, "pg_num": args.pg_num}
+        opts.update({k: v for k, v in rbd.items() if v is not None})
         return create_pool(args.kind, args.pool, args.devices, root=root, fill_threshold=args.fill_threshold,
                            **opts).status().to_dict()
     if args.cmd == "pool-destroy":
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         result = run(args)
+    except UnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,3 +21,8 @@ class PoolFullError(BackendError):
 
 class ToolError(BackendError):
     """An external tool (lvm, zfs, cryptsetup, losetup) failed; carries its stderr, never a secret."""
+
+
+class UnavailableError(BackendError):
+    """The storage system itself cannot be used (bad cluster config, missing keyring, unreachable monitor): exit
+    code 3, like any other "the system cannot" error, not a refusal of the request."""

@@ -20,6 +20,8 @@ class VolumeInfo:
     snapshots: list[str] = field(default_factory=list)
     attached: bool = False
     device_path: str | None = None  # what a namespace points at, while attached
+    copies: int | None = None  # replicated pools (rbd): copies of its data that exist right now
+    copies_wanted: int | None = None  # ... and how many the pool keeps when healthy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,6 +39,7 @@ class PoolStatus:
     reason: str = ""
     volumes: int = 0
     tenants: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    redundancy: str = ""  # replicated pools (rbd): clean, recovering, degraded or unavailable, from the cluster
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

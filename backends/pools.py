@@ -20,9 +20,10 @@ def _kinds() -> dict[str, type[Backend]]:
     from backends.file import FileBackend
     from backends.lvm import LvmBackend
     from backends.nullblk import NullBlkBackend
+    from backends.rbd import RbdBackend
     from backends.zfs import ZfsBackend
 
-    return {b.kind: b for b in (FileBackend, LvmBackend, ZfsBackend, NullBlkBackend)}
+    return {b.kind: b for b in (FileBackend, LvmBackend, ZfsBackend, NullBlkBackend, RbdBackend)}
 
 
 def state_root(root: Path | None = None) -> Path:
@@ -38,7 +39,7 @@ def _pool_name(name: str) -> str:
 
 def create_pool(kind: str, name: str, devices: list[str] | None = None, root: Path | None = None,
                 fill_threshold: float = DEFAULT_FILL_THRESHOLD, **options: Any) -> Backend:
-    """Create a pool of `kind` (file, lvm, zfs, nullblk) on `devices` and remember it under the state root."""
+    """Create a pool of `kind` (file, lvm, zfs, nullblk, rbd) on `devices` and remember it under the state root."""
     kinds = _kinds()
     if kind not in kinds:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(sorted(kinds))}")

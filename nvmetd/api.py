@@ -17,12 +17,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
-from backends.errors import BackendError, NotFoundError
+from backends.errors import BackendError, NotFoundError, UnavailableError
+from nvmetd import pool_ops
+from nvmetd.api_target import target_router
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.manager import Manager
 from nvmetd.metrics import render_metrics
+from nvmetd.target_ops import TargetOps
 from target import validate
-from target.model import StateError, parse_state
+from target.configfs import ConfigfsError
+from target.features import FeatureError
+from target.model import StateError
 
 log = logging.getLogger("nvmetd.api")
 
@@ -85,6 +90,8 @@ VmUuid = Annotated[str | None, AfterValidator(_uuid)]
 
 DiskPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 64)),
                      AfterValidator(_backend_rule("disk name"))]
+PoolPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 32)),
+                     AfterValidator(_backend_rule("pool name", 32))]
 VmPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VM_PATTERN, 64)), AfterValidator(_vm_name)]
 
 
@@ -117,7 +124,8 @@ class Clone(_Request):
 
 
 class AttachRequest(_Request):
-    transport: Literal["auto", "tcp", "loop", "rdma", "vhost"] = "auto"
+    transport: Literal["auto", "tcp", "loop", "rdma", "vhost", "dpu"] = "auto"
+    dpu: str | None = Field(default=None, max_length=512)  # the DPU's OPI endpoint (offload mode)
     vm_uuid: VmUuid = None
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
@@ -133,6 +141,17 @@ class LimitsRequest(_Request):
     wiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="write IOPS")
     rmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="read MB/s (10^6 bytes)")
     wmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="write MB/s (10^6 bytes)")
+
+
+class PoolCreate(_Request):
+    name: PoolName
+    kind: Literal["file", "lvm", "zfs", "nullblk"]
+    devices: list[Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")]] = Field(
+        default_factory=list, max_length=16, description="file: one existing, empty directory; lvm, zfs: block "
+        "devices; nullblk: none")
+    fill_threshold: float = Field(90.0, gt=0, le=100, description="percent full at which new allocations stop")
+    capacity: Size | None = Field(None, description="file, nullblk: a budget (10G)")
+    thin_pool_percent: StrictInt | None = Field(None, ge=1, le=95, description="lvm: the VG's share for thin LVs")
 
 
 class ErrorBody(BaseModel):
@@ -182,10 +201,12 @@ def create_app(manager: Manager) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_message(exc))
 
+    # A kernel feature this host lacks (FeatureError) is a 409 like Unsupported: asking again will not help.
     # Refusals by kind: Starlette picks the handler of the most specific class (MRO), so Unsupported (a
     # SystemProblem) gets 409 and NotFoundError (a BackendError) 404, whatever the order here.
     refusals: dict[type[Exception], int] = {UserError: 400, StateError: 400, ValueError: 400, Unsupported: 409,
-                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409}
+                                            SystemProblem: 503, NotFoundError: 404, BackendError: 409,
+                                            FeatureError: 409, ConfigfsError: 503, UnavailableError: 503}
     for kind, status in refusals.items():
         async def _refuse(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return _error(status, str(exc))
@@ -262,7 +283,7 @@ def create_app(manager: Manager) -> FastAPI:
     @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory,
-                                         req.tls)
+                                          req.dpu, req.tls)
         return result.to_dict()
 
     @router.delete("/v1/vms/{vm}/disks/{disk}")
@@ -274,17 +295,36 @@ def create_app(manager: Manager) -> FastAPI:
         """A new TLS PSK for the VM (rotation): sessions up keep running, new connections need the new key."""
         return await run_in_threadpool(manager.rotate_tls_key, vm)
 
+    @router.get("/v1/pools")
+    async def list_pools() -> list[dict[str, Any]]:
+        return await run_in_threadpool(pool_ops.list_pools, manager)
+
+    @router.post("/v1/pools")
+    async def create_pool(req: PoolCreate) -> dict[str, Any]:
+        from backends import names
+
+        options = {k: v for k in ("capacity", "thin_pool_percent") if (v := getattr(req, k)) is not None}
+        if "capacity" in options:
+            options["capacity"] = names.size(options["capacity"], "capacity")
+        return await run_in_threadpool(pool_ops.create_pool, manager, req.kind, req.name, req.devices,
+                                       req.fill_threshold, options)
+
+    @router.get("/v1/pools/{name}")
+    async def show_pool(name: PoolPath) -> dict[str, Any]:
+        return await run_in_threadpool(pool_ops.pool_info, manager, name)
+
+    @router.delete("/v1/pools/{name}")
+    async def destroy_pool(name: PoolPath) -> dict[str, Any]:
+        """Only a pool without disks (delete them first); its volumes' data is never destroyed here."""
+        return await run_in_threadpool(pool_ops.destroy_pool, manager, name)
+
     @router.post("/v1/reconcile")
     async def reconcile() -> dict[str, Any]:
         result = await run_in_threadpool(manager.reconcile)
         return result.to_dict()
 
-    @router.put("/v1/target")
-    async def put_target(state: dict[str, Any]) -> dict[str, Any]:
-        result = await run_in_threadpool(manager.apply_base, parse_state(state))
-        return result.to_dict()
-
     app.include_router(router)
+    app.include_router(target_router(TargetOps(manager), ERRORS))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

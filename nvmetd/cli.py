@@ -10,87 +10,81 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
 from nvmetd.errors import EXIT_NOT_CONVERGED, EXIT_SYSTEM, EXIT_USAGE, run_cli
-from nvmetd.vms import SUBSYSTEM_PREFIX, vhost_device_id
-from target.apply import ApplyResult, apply_state, diff
-from target.configfs import NVMET_ROOT, ConfigFS
-from target.features import load_modules, require
-from target.live import read_state
-from target.model import TargetState, parse_state
-from target.nvmetcli import export_config, import_config
-from target.restore import restore
-from target.store import DEFAULT_PATH, StateStore, set_target
+
+# Kept free of the server's stack: `nvmetctl --help` and the API commands import click, the standard library's
+# http.client and this package's small modules only; the offline paths import nvmetd's own code when they run.
+DEFAULT_STATE = Path("/var/lib/nvmetd/state.json")  # target.store.DEFAULT_PATH
+NVMET_ROOT = Path("/sys/kernel/config/nvmet")  # target.configfs.NVMET_ROOT
+VM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"  # nvmetd.vms.SUBSYSTEM_PREFIX
+
+# the target commands: their API route, and (offline) the same TargetOps method in this process
+TARGET_API: dict[str, tuple[str, tuple[str, ...]]] = {
+    "apply": ("PUT", ("v1", "target")), "plan": ("POST", ("v1", "target", "plan")),
+    "drift": ("GET", ("v1", "target", "drift")), "repair": ("POST", ("v1", "target", "repair")),
+    "restore": ("POST", ("v1", "target", "restore")), "status": ("GET", ("v1", "target", "status")),
+    "export": ("GET", ("v1", "target", "export")), "import": ("POST", ("v1", "target", "import")),
+}
 
 
 class Context:
     def __init__(self, state: Path, configfs: Path, as_json: bool, socket: Path,
-                 pools_root: Path | None = None) -> None:
-        self.store = StateStore(state)
+                 pools_root: Path | None = None, offline: bool = False) -> None:
+        self.state_path = state
         self.pools_root = pools_root
         self.configfs_root = configfs
         self.as_json = as_json
         self.socket = socket
+        self.offline = offline
 
-    def call(self, method: str, path: tuple[str, ...], body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: tuple[str, ...], body: Any = None, query: dict[str, Any] | None = None) -> Any:
         """One request to the nvmetd service; its errors come back as one line with the right exit code.
 
-        `path` is a tuple of segments, user names among them: each is percent-encoded whole (see _api_path), so a
-        name can never add a segment, a query or a fragment, nor be resolved away as `..` by the client."""
-        import httpx
+        `path` is a tuple of segments, user names among them: each is percent-encoded whole (see
+        client.api_path), so a name can never add a segment, a query or a fragment."""
+        from nvmetd import client
 
         if not self.socket.exists():
             raise SystemExit(_fail(f"nvmetd is not running (no socket {self.socket}); start it with "
-                                   "`systemctl start nvmetd` or `nvmetd`", EXIT_SYSTEM))
+                                   "`systemctl start nvmetd` or `nvmetd` (target commands also work with "
+                                   "--offline while it is stopped)", EXIT_SYSTEM))
         try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=600) as client:
-                resp = client.request(method, httpx.URL("http://nvmetd").copy_with(raw_path=_api_path(path)),
-                                      json=body)
-        except httpx.HTTPError as exc:
-            raise SystemExit(_fail(f"cannot reach nvmetd at {self.socket}: {exc}", EXIT_SYSTEM)) from None
-        data = resp.json() if resp.content else None
-        if resp.status_code >= 400:
-            message = data.get("error") if isinstance(data, dict) else resp.text
-            if isinstance(data, dict) and "detail" in data:
-                message = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}"
-                                    for d in data["detail"]) if isinstance(data["detail"], list) else data["detail"]
-            code = EXIT_USAGE if resp.status_code in (400, 404, 409, 422) else EXIT_SYSTEM
-            raise SystemExit(_fail(str(message), code))
-        return data
+            return client.request(self.socket, method, path, body, query)
+        except client.Unreachable as exc:
+            raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
+        except client.ApiError as exc:
+            code = EXIT_USAGE if exc.status in (400, 404, 409, 422) else EXIT_SYSTEM
+            raise SystemExit(_fail(str(exc), code)) from None
 
-    def cfs(self) -> ConfigFS:
-        cfs = ConfigFS(self.configfs_root)
-        if not cfs.exists() and self.configfs_root == NVMET_ROOT:
-            load_modules(TargetState())
-        if not cfs.exists():
-            raise SystemExit(_fail(f"{self.configfs_root} does not exist: this kernel has no nvmet "
-                                   "(modprobe nvmet failed or configfs is not mounted)", EXIT_SYSTEM))
-        return cfs
+    def target(self, command: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        """A target command: through nvmetd (the one writer), or with --offline in this process. Warnings of the
+        validation (names that are not NQNs of the spec's form) go to stderr."""
+        if self.offline:
+            from nvmetd import offline
 
-    def effective(self) -> TargetState:
-        """What the kernel should hold: the declared tree plus the VMs' subsystems (as the daemon computes it)."""
-        doc = self.store.load()
-        if not any(vm.get("attachments") for vm in doc.get("vms", {}).values()):
-            return parse_state(doc.get("target", {}))
-        from nvmetd.manager import Manager
-
-        return Manager(self.store, ConfigFS(self.configfs_root), pools_root=self.pools_root).effective(doc)
+            result = offline.run(self.state_path, self.socket, self.configfs_root, self.pools_root, command, body,
+                                 query)
+        else:
+            method, path = TARGET_API[command]
+            result = self.call(method, path, body, query)
+        for warning in result.get("warnings", []) if isinstance(result, dict) else []:
+            click.echo(f"nvmetctl: warning: {warning}", err=True)
+        return result
 
     def emit(self, data: Any, text: str) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text)
 
 
 def _api_path(segments: tuple[str, ...]) -> bytes:
-    """The request's raw path. `quote(safe="")` encodes `/ ? # %` and every control or non-ASCII character; the
-    dots of a `.` or `..` segment are encoded too, since RFC 3986 clients remove dot segments before sending."""
-    from urllib.parse import quote
+    from nvmetd.client import api_path
 
-    parts = [quote(seg, safe="") for seg in segments]
-    return ("/" + "/".join(p.replace(".", "%2E") if p in (".", "..") else p for p in parts)).encode("ascii")
+    return api_path(segments).encode("ascii")
 
 
 def _fail(message: str, code: int) -> int:
@@ -108,39 +102,94 @@ def _read_json(path: str) -> Any:
         raise click.UsageError(f"{path} is not JSON: {exc}") from None
 
 
-def _result_text(result: ApplyResult) -> str:
-    lines = []
-    for _path, st in sorted(result.objects.items()):
-        if st.status != "ok":
-            lines.append(f"{st.status:8} {st.label}" + (f": {st.reason}" if st.reason else ""))
-    counts = {s: len(result.by_status(s)) for s in ("ok", "changed", "removed", "pending", "failed", "skipped")}
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    lines.append(f"{'converged' if result.converged else 'NOT converged'}: {summary or 'nothing to do'}; "
-                 f"{result.writes} configfs changes")
+def _result_text(result: dict[str, Any]) -> str:
+    """An apply result (ApplyResult.to_dict(), as the API sends it) for people."""
+    objects = result.get("objects", {})
+    lines = [f"{st['status']:8} {st['object']}" + (f": {st['reason']}" if st.get("reason") else "")
+             for _path, st in sorted(objects.items()) if st["status"] != "ok"]
+    counts = Counter(st["status"] for st in objects.values())
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("ok", "changed", "removed", "pending", "failed", "skipped")
+                        if counts[s])
+    lines.append(f"{'converged' if result['converged'] else 'NOT converged'}: {summary or 'nothing to do'}; "
+                 f"{result['writes']} configfs changes")
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _emit_result(obj: Context, result: dict[str, Any]) -> None:
+    obj.emit(result, _result_text(result))
+    if not result["converged"]:
+        sys.exit(EXIT_NOT_CONVERGED)
+
+
+class _Group(click.Group):
+    """Subcommands loaded when used: `nvmetctl bench` is the fio harness's own click group, which imports much
+    that no other command needs, so `--help` lists it without importing it."""
+
+    lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "bench": ("bench.matrix.cli", "bench", "Run the fio matrix per backend x transport (see bench --help)."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            module, attr, _help = self.lazy[name]
+
+            self.add_command(getattr(importlib.import_module(module), attr), name=name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.lazy[name][2] if name in self.lazy and name not in self.commands
+                 else self.commands[name].get_short_help_str(formatter.width - 20 if formatter.width else 60))
+                for name in self.list_commands(ctx) if name in self.lazy or not self.commands[name].hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and isinstance(ctx.obj, Context):
+        ctx.obj.as_json = True
+
+
+def _json_everywhere(group: click.Group) -> None:
+    """`--json` after the subcommand too (`nvmetctl status --json`, `nvmetctl disk list --json`)."""
+    for command in group.commands.values():
+        if not any(p.name == "as_json" for p in command.params):
+            command.params.append(click.Option(["--json", "as_json"], is_flag=True, expose_value=False,
+                                               callback=_set_json, help="machine-readable output"))
+        if isinstance(command, click.Group):
+            _json_everywhere(command)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state", "state_path", type=click.Path(path_type=Path), envvar="NVMETD_STATE",
-              default=DEFAULT_PATH, show_default=True, help="nvmetd's durable state file")
+              default=DEFAULT_STATE, show_default=True, help="--offline: nvmetd's durable state file")
 @click.option("--configfs", type=click.Path(path_type=Path), envvar="NVMETD_CONFIGFS", default=NVMET_ROOT,
               hidden=True)
 @click.option("--socket", type=click.Path(path_type=Path), envvar="NVMETD_SOCKET",
               default=Path("/run/nvmetd/nvmetd.sock"), show_default=True, help="nvmetd's API socket")
 @click.option("--pools-root", type=click.Path(path_type=Path), envvar="NVMETD_BACKENDS_DIR", default=None,
-              help="the pools' state directory, as given to nvmetd (default /var/lib/nvmetd/backends)")
+              help="--offline: the pools' state directory, as given to nvmetd (default /var/lib/nvmetd/backends)")
+@click.option("--offline", is_flag=True,
+              help="target commands without nvmetd: run its code here, under the store's lock (refused while "
+              "nvmetd runs)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("-v", "--verbose", is_flag=True, help="log each configfs change")
 @click.pass_context
-def cli(ctx: click.Context, state_path: Path, configfs: Path, socket: Path, pools_root: Path | None, as_json: bool,
-        verbose: bool) -> None:
-    """Control the Linux in-kernel NVMe-oF target (nvmet): VMs, disks and the declarative target tree.
+def cli(ctx: click.Context, state_path: Path, configfs: Path, socket: Path, pools_root: Path | None, offline: bool,
+        as_json: bool, verbose: bool) -> None:
+    """Control the Linux in-kernel NVMe-oF target (nvmet): VMs, disks, pools and the declarative target tree.
 
-    attach/detach/disk/vm talk to the nvmetd service; apply/diff/repair/restore/import/export work on the
-    state file and configfs directly (as root).
+    Every command goes through the nvmetd service, the one writer of configfs and of the state file. With
+    --offline, apply/diff/repair/restore/status/import/export/shell run nvmetd's code here instead (as root),
+    only while nvmetd is stopped.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    ctx.obj = Context(state_path, configfs, as_json, socket, pools_root)
+    ctx.obj = Context(state_path, configfs, as_json, socket, pools_root, offline)
 
 
 @cli.command()
@@ -149,28 +198,22 @@ def cli(ctx: click.Context, state_path: Path, configfs: Path, socket: Path, pool
 @click.pass_obj
 def apply(obj: Context, file: str, dry_run: bool) -> None:
     """Make FILE (nvmetd target JSON) the desired state and apply it to the kernel."""
-    state = parse_state(_read_json(file))
-    cfs = obj.cfs()
-    require(state, cfs)
+    state = _read_json(file)
+    if isinstance(state, dict) and any(isinstance(s, dict) and str(s.get("nqn", "")).startswith(VM_PREFIX)
+                                       for s in state.get("subsystems", []) or []):
+        raise click.UsageError(f"subsystem names starting with {VM_PREFIX} are reserved for nvmetd's VMs")
     if dry_run:
-        changes = diff(state, cfs)
+        changes = obj.target("plan", state)["changes"]
         obj.emit({"changes": changes}, "\n".join(changes) or "nothing to do")
         return
-    if any(s.nqn.startswith(SUBSYSTEM_PREFIX) for s in state.subsystems):
-        raise click.UsageError(f"subsystem names starting with {SUBSYSTEM_PREFIX} are reserved for nvmetd's VMs")
-    with obj.store.transaction() as doc:
-        set_target(doc, state)
-    result = apply_state(obj.effective(), cfs)
-    obj.emit(result.to_dict(), _result_text(result))
-    if not result.converged:
-        sys.exit(EXIT_NOT_CONVERGED)
+    _emit_result(obj, obj.target("apply", state))
 
 
 @cli.command(name="diff")
 @click.pass_obj
 def diff_cmd(obj: Context) -> None:
     """Show what differs between the desired state and the live kernel (exit 1 if anything does)."""
-    changes = diff(obj.effective(), obj.cfs())
+    changes = obj.target("drift")["drift"]
     obj.emit({"drift": changes}, "\n".join(changes) or "no drift: the kernel matches the desired state")
     if changes:
         sys.exit(EXIT_NOT_CONVERGED)
@@ -180,61 +223,56 @@ def diff_cmd(obj: Context) -> None:
 @click.pass_obj
 def repair(obj: Context) -> None:
     """Re-apply the desired state, undoing hand edits of configfs."""
-    result = apply_state(obj.effective(), obj.cfs())
-    obj.emit(result.to_dict(), _result_text(result))
-    if not result.converged:
-        sys.exit(EXIT_NOT_CONVERGED)
+    _emit_result(obj, obj.target("repair"))
 
 
 @cli.command(name="restore")
-@click.option("--timeout", type=float, default=120.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(0, 3600), default=120.0, show_default=True,
               help="seconds to wait for missing devices and addresses")
 @click.pass_obj
 def restore_cmd(obj: Context, timeout: float) -> None:
     """Boot-time restore: apply what is ready, wait for late devices and addresses, never wipe."""
-    state = obj.effective()
-    load_modules(state)
-    result = restore(state, obj.cfs(), timeout=timeout)
-    obj.emit(result.to_dict(), _result_text(result))
-    if not result.converged:
-        sys.exit(EXIT_NOT_CONVERGED)
+    _emit_result(obj, obj.target("restore", {"timeout": timeout}))
 
 
 @cli.command()
 @click.pass_obj
 def status(obj: Context) -> None:
     """Summarise the desired state, the live tree and the drift between them."""
-    desired = obj.effective()
-    cfs = obj.cfs()
-    live = read_state(cfs)
-    drift = diff(desired, cfs)
-    data = {
-        "state_file": str(obj.store.path), "generation": obj.store.load()["generation"],
-        "desired": {"subsystems": len(desired.subsystems), "ports": len(desired.ports), "hosts": len(desired.hosts),
-                    "namespaces": sum(len(s.namespaces) for s in desired.subsystems)},
-        "live": {"subsystems": len(live.subsystems), "ports": len(live.ports), "hosts": len(live.hosts),
-                 "namespaces": sum(len(s.namespaces) for s in live.subsystems),
-                 "enabled_namespaces": sum(1 for s in live.subsystems for n in s.namespaces if n.enable)},
-        "drift": len(drift),
-    }
-    text = (f"desired: {data['desired']['subsystems']} subsystems, {data['desired']['namespaces']} namespaces, "
-            f"{data['desired']['ports']} ports, {data['desired']['hosts']} hosts (generation {data['generation']})\n"
-            f"live:    {data['live']['subsystems']} subsystems, {data['live']['namespaces']} namespaces "
-            f"({data['live']['enabled_namespaces']} enabled), {data['live']['ports']} ports, "
-            f"{data['live']['hosts']} hosts\n"
-            f"drift:   {len(drift)} change(s) needed" + (" — run `nvmetctl diff`" if drift else ""))
+    data = obj.target("status")
+    d, live = data["desired"], data["live"]
+    text = (f"desired: {d['subsystems']} subsystems, {d['namespaces']} namespaces, "
+            f"{d['ports']} ports, {d['hosts']} hosts (generation {data['generation']})\n"
+            f"live:    {live['subsystems']} subsystems, {live['namespaces']} namespaces "
+            f"({live['enabled_namespaces']} enabled), {live['ports']} ports, {live['hosts']} hosts\n"
+            f"drift:   {data['drift']} change(s) needed" + (" — run `nvmetctl diff`" if data["drift"] else ""))
     obj.emit(data, text)
 
 
 @cli.command(name="export")
 @click.option("--nvmetcli", "nvmetcli_fmt", is_flag=True, help="nvmetcli config.json format")
 @click.option("--live", is_flag=True, help="export the live kernel tree instead of the desired state")
+@click.option("--with-secrets", is_flag=True, help="include the DH-CHAP keys (with -o, the file is made 0600)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="write to this file")
 @click.pass_obj
-def export_cmd(obj: Context, nvmetcli_fmt: bool, live: bool) -> None:
-    """Print the desired (or live) state as nvmetd JSON or nvmetcli JSON. Contains DH-CHAP keys."""
-    state = read_state(obj.cfs()) if live else obj.effective()
-    data = export_config(state) if nvmetcli_fmt else state.canonical().model_dump(mode="json", exclude_none=True)
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
+def export_cmd(obj: Context, nvmetcli_fmt: bool, live: bool, with_secrets: bool, output: Path | None) -> None:
+    """Print the desired (or live) state as nvmetd JSON or nvmetcli JSON, without DH-CHAP keys unless
+    --with-secrets."""
+    result = obj.target("export", query={"live": live, "nvmetcli": nvmetcli_fmt, "with_secrets": with_secrets})
+    text = json.dumps(result["config"], indent=2, sort_keys=True) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps no wider mode
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    if result["secrets_omitted"]:
+        click.echo(f"nvmetctl: {result['secrets_omitted']} DH-CHAP key(s) left out; --with-secrets includes "
+                   "them", err=True)
+    elif with_secrets:
+        click.echo("nvmetctl: the output holds the DH-CHAP keys" + (f" ({output} is 0600)" if output else ""),
+                   err=True)
 
 
 @cli.command(name="import")
@@ -244,18 +282,29 @@ def export_cmd(obj: Context, nvmetcli_fmt: bool, live: bool) -> None:
 @click.pass_obj
 def import_cmd(obj: Context, file: str, nvmetcli_fmt: bool, no_apply: bool) -> None:
     """Take an nvmetcli config.json as the desired state (and apply it)."""
-    state = import_config(_read_json(file))
-    with obj.store.transaction() as doc:
-        set_target(doc, state)
+    result = obj.target("import", _read_json(file), {"apply": not no_apply})
     if no_apply:
-        obj.emit({"imported": True}, f"imported {len(state.subsystems)} subsystems into {obj.store.path}")
+        obj.emit(result, f"imported {result['subsystems']} subsystems as the desired state")
         return
-    cfs = obj.cfs()
-    require(state, cfs)
-    result = apply_state(obj.effective(), cfs)
-    obj.emit(result.to_dict(), _result_text(result))
-    if not result.converged:
-        sys.exit(EXIT_NOT_CONVERGED)
+    _emit_result(obj, result)
+
+
+class _ApiTree:
+    """The shell's view of the target through nvmetd's API."""
+
+    def __init__(self, obj: Context) -> None:
+        self.obj = obj
+
+    def live(self):  # a TargetState, imported only here
+        from target.model import parse_state
+
+        return parse_state(self.obj.target("export", query={"live": True})["config"])
+
+    def drift(self) -> list[str]:
+        return self.obj.target("drift")["drift"]
+
+    def repair(self) -> dict[str, Any]:
+        return self.obj.target("repair")
 
 
 @cli.command()
@@ -265,7 +314,13 @@ def shell(obj: Context, commands: tuple[str, ...]) -> None:
     """Interactive tree of the live target (ls, cd, info, diff, repair), like nvmetcli's."""
     from nvmetd import shell as shell_mod
 
-    shell_mod.run(obj.cfs(), obj.effective, list(commands) or None)
+    if not obj.offline:
+        shell_mod.run(_ApiTree(obj), list(commands) or None)
+        return
+    from nvmetd import offline
+
+    with offline.session(obj.state_path, obj.socket, obj.configfs_root, obj.pools_root) as ops:
+        shell_mod.run(shell_mod.Local(ops._cfs(), ops.desired), list(commands) or None)
 
 
 def _kv(data: dict[str, Any]) -> str:
@@ -275,8 +330,9 @@ def _kv(data: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("vm")
 @click.argument("disk")
-@click.option("--transport", type=click.Choice(["auto", "tcp", "rdma", "loop", "vhost"]), default="auto",
+@click.option("--transport", type=click.Choice(["auto", "tcp", "rdma", "loop", "vhost", "dpu"]), default="auto",
               show_default=True)
+@click.option("--dpu", help="dpu: the DPU's OPI endpoint (unix:/path or address:port); default [dpu] endpoint")
 @click.option("--vm-uuid", help="the VM's UUID (its host NQN derives from it); new VMs get a random one")
 @click.option("--qmp", "qmp_socket", type=click.Path(), help="hot-plug into this running QEMU (QMP socket)")
 @click.option("--qmp-bus", help="with --qmp: the PCIe root port to plug into (a q35 root bus is not hot-pluggable)")
@@ -285,18 +341,25 @@ def _kv(data: dict[str, Any]) -> str:
 @click.option("--tls", is_flag=True, help="tcp: export on the TLS port (TLS 1.3 PSK required, DH-CHAP as well); "
               "the answer names the PSK file for the host")
 @click.pass_obj
-def attach(obj: Context, vm: str, disk: str, transport: str, vm_uuid: str | None, qmp_socket: str | None,
-           qmp_bus: str | None, memory: str | None, tls: bool) -> None:
+def attach(obj: Context, vm: str, disk: str, transport: str, dpu: str | None, vm_uuid: str | None,
+           qmp_socket: str | None, qmp_bus: str | None, memory: str | None, tls: bool) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
-    nvmetd's engine from the VM's shared memory: the output has the engine socket and the QEMU arguments."""
+    nvmetd's engine from the VM's shared memory, or (when nvmet-vhost loads, `[vhost] backend`) by the kernel's
+    NVMe target itself, QEMU opening /dev/vhost-nvme: the output says which and why, with the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
-                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "tls": tls})
-    if qmp_socket and result["transport"] == "vhost":
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu, "tls": tls})
+    if qmp_socket and result.get("vhost_backend") == "kernel":
+        raise SystemExit(_fail("--qmp does not hot-plug the kernel back-end's device yet (the disk is attached): "
+                               "start QEMU with the printed -device, or detach and use [vhost] backend = engine",
+                               EXIT_USAGE))
+    if qmp_socket and result["transport"] in ("vhost", "dpu"):
         from nvmetd import qmp
 
         try:
+            from nvmetd.vms import vhost_device_id
+
             result["hotplugged"] = qmp.hotplug_vhost(qmp_socket, vhost_device_id(vm), result["vhost_socket"],
                                                      result["subsystem_nqn"], bus=qmp_bus)
         except qmp.QmpError as exc:
@@ -330,6 +393,8 @@ def detach(obj: Context, vm: str, disk: str, qmp_socket: str | None) -> None:
             if transport != "vhost":
                 qmp.unplug(qmp_socket, disk)
             elif not any(d != disk and a["transport"] == "vhost" for d, a in disks.items()):
+                from nvmetd.vms import vhost_device_id
+
                 qmp.unplug_vhost(qmp_socket, vhost_device_id(vm))  # its last vhost disk: the controller goes
         except qmp.QmpError as exc:
             raise SystemExit(_fail(str(exc), EXIT_SYSTEM)) from None
@@ -426,6 +491,58 @@ def disk_limits(obj: Context, name: str, **limits: int | None) -> None:
 
 
 @cli.group()
+def pool() -> None:
+    """Create, list, show and destroy the pools disks live in."""
+
+
+@pool.command("create")
+@click.argument("name")
+@click.argument("devices", nargs=-1)
+@click.option("--kind", type=click.Choice(["file", "lvm", "zfs", "nullblk"]), required=True,
+              help="file: DEVICES is one empty directory; lvm, zfs: block devices; nullblk: none (RAM)")
+@click.option("--fill-threshold", type=click.FloatRange(0, 100, min_open=True), default=90.0, show_default=True,
+              help="percent full at which new allocations are refused")
+@click.option("--capacity", help="file, nullblk: a budget, e.g. 10G")
+@click.option("--thin-pool-percent", type=click.IntRange(1, 95), help="lvm: the VG's share for thin LVs")
+@click.pass_obj
+def pool_create(obj: Context, name: str, devices: tuple[str, ...], kind: str, fill_threshold: float,
+                capacity: str | None, thin_pool_percent: int | None) -> None:
+    body: dict[str, Any] = {"name": name, "kind": kind, "devices": [os.path.abspath(d) for d in devices],
+                            "fill_threshold": fill_threshold}
+    if capacity is not None:
+        body["capacity"] = capacity
+    if thin_pool_percent is not None:
+        body["thin_pool_percent"] = thin_pool_percent
+    result = obj.call("POST", ("v1", "pools"), body)
+    obj.emit(result, _kv(result))
+
+
+@pool.command("list")
+@click.pass_obj
+def pool_list(obj: Context) -> None:
+    pools = obj.call("GET", ("v1", "pools"))
+    rows = [f"{p['name']:16} {p['kind']:8} {p['fill_percent']:>6}% {p['volumes']:>7}  {','.join(p['disks']) or '-'}"
+            for p in pools]
+    obj.emit(pools, "\n".join([f"{'NAME':16} {'KIND':8} {'FULL':>7} {'VOLUMES':>7}  DISKS", *rows]))
+
+
+@pool.command("show")
+@click.argument("name")
+@click.pass_obj
+def pool_show(obj: Context, name: str) -> None:
+    result = obj.call("GET", ("v1", "pools", name))
+    obj.emit(result, _kv(result))
+
+
+@pool.command("destroy")
+@click.argument("name")
+@click.pass_obj
+def pool_destroy(obj: Context, name: str) -> None:
+    """Destroy a pool that holds no disks."""
+    obj.emit(obj.call("DELETE", ("v1", "pools", name)), f"destroyed pool {name}")
+
+
+@cli.group()
 def vm() -> None:
     """List VMs and show their disks."""
 
@@ -454,14 +571,7 @@ def vm_rotate_psk(obj: Context, name: str) -> None:
     obj.emit(result, _kv(result))
 
 
-def _mount_bench() -> None:
-    """`nvmetctl bench ...` is the fio harness's own click group (python -m bench.matrix), mounted as it is."""
-    from bench.matrix.cli import bench
-
-    cli.add_command(bench, name="bench")
-
-
-_mount_bench()
+_json_everywhere(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,8 +131,8 @@ def demo(d: Demo) -> None:
     d.start_daemon()
 
     step("create a file pool (a directory on tmpfs) and a 256 MiB thin disk in it")
-    run(f"python -m backends --root {d.pools} pool-create file files {d.files}",
-        [sys.executable, "-m", "backends", "--root", str(d.pools), "pool-create", "file", "files", str(d.files)])
+    run(f"mkdir {d.files}", ["mkdir", "-m", "0700", str(d.files)])
+    d.nvmetctl("pool", "create", "files", "--kind", "file", str(d.files))
     d.nvmetctl("disk", "create", DISK, "--pool", "files", "--size", DISK_SIZE)
 
     step(f"attach {DISK} to VM {VM!r} over NVMe/TCP: nvmetd creates the VM's subsystem, host entry and key")
@@ -181,8 +181,7 @@ def demo(d: Demo) -> None:
     d.nvmetctl("detach", VM, DISK)
     d.nvmetctl("disk", "delete", DISK)
     d.nvmetctl("status")
-    run(f"python -m backends --root {d.pools} pool-destroy files",
-        [sys.executable, "-m", "backends", "--root", str(d.pools), "pool-destroy", "files"])
+    d.nvmetctl("pool", "destroy", "files")
 
     step("stop nvmetd")
     d.stop_daemon()

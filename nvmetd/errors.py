@@ -22,18 +22,22 @@ class SystemProblem(Exception):
     exit_code = EXIT_SYSTEM
 
 
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    """isinstance against a class of a module that may never have been imported: if it was not, nothing can have
+    raised one of its exceptions. So a command pays no import for error classes it never meets (the CLI's start-up
+    is part of every call a hypervisor agent makes)."""
+    import sys
+
+    mod = sys.modules.get(module)
+    return mod is not None and isinstance(exc, getattr(mod, name))
+
+
 def run_cli(command: Any, argv: list[str] | None, prog_name: str, label: str) -> int:
     """Run a click command and turn whatever it lets through into one line on stderr and the exit code above.
 
     Shared by nvmetctl and `python -m bench.matrix` (also mounted as `nvmetctl bench`), so a failure means the same
     exit code whichever way the command was started."""
     import click
-
-    from backends.errors import BackendError, ToolError
-    from target.configfs import ConfigfsError
-    from target.features import FeatureError
-    from target.model import StateError
-    from target.store import StoreError
 
     def fail(message: str, code: int) -> int:
         click.echo(f"{label}: error: {message}", err=True)
@@ -48,20 +52,23 @@ def run_cli(command: Any, argv: list[str] | None, prog_name: str, label: str) ->
         return EXIT_USAGE
     except click.exceptions.Abort:
         return fail("aborted", EXIT_USAGE)
-    except StateError as exc:
-        return fail(f"invalid state:\n{exc}", EXIT_USAGE)
     except (UserError, SystemProblem) as exc:
         return fail(str(exc), exc.exit_code)
-    except (FeatureError, StoreError, ConfigfsError) as exc:
-        return fail(str(exc), EXIT_SYSTEM)
-    except PermissionError as exc:
-        return fail(f"permission denied: {exc.filename} ({label} needs root)", EXIT_SYSTEM)
-    except BackendError as exc:  # the local commands open pools to find the VMs' devices
-        return fail(str(exc), EXIT_SYSTEM if isinstance(exc, ToolError) else EXIT_USAGE)
-    except OSError as exc:  # e.g. an output directory that cannot be written
-        return fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_SYSTEM)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:
+        if _is(exc, "target.model", "StateError"):
+            return fail(f"invalid state:\n{exc}", EXIT_USAGE)
+        if any(_is(exc, m, n) for m, n in (("target.features", "FeatureError"), ("target.store", "StoreError"),
+                                           ("target.configfs", "ConfigfsError"))):
+            return fail(str(exc), EXIT_SYSTEM)
+        if isinstance(exc, PermissionError):
+            return fail(f"permission denied: {exc.filename} ({label} needs root)", EXIT_SYSTEM)
+        if _is(exc, "backends.errors", "BackendError"):  # the local commands open pools to find the VMs' devices
+            return fail(str(exc), EXIT_SYSTEM if _is(exc, "backends.errors", "ToolError") else EXIT_USAGE)
+        if isinstance(exc, OSError):  # e.g. an output directory that cannot be written
+            return fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_SYSTEM)
+        raise
     return EXIT_OK
 
 

@@ -13,20 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmetd import initiator, throttle
+from nvmetd import initiator, throttle, vm_scope
 from nvmetd import tls as tls_psk
+from nvmetd.changelog import ChangeLog, recorded
+from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
+from nvmetd.opi import state as opi_state
 from nvmetd.qmp import node_name as qmp_node_name
 from nvmetd.tls_keys import TlsKeys
 from nvmetd.tls_keys import key_file as tls_key_file
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
+from nvmetd.vhost_kernel import Choice, KernelBackendMissing, choose_backend
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
 from target import validate
 from target.apply import ApplyResult, apply_state
 from target.configfs import ConfigFS
 from target.features import load_modules
 from target.model import TargetState, parse_state
-from target.restore import restore
+from target.restore import SystemReadiness, restore
+from target.scope import ScopedLiveTree
 from target.store import StateStore, set_target
 
 log = logging.getLogger("nvmetd.manager")
@@ -56,6 +61,7 @@ class AttachResult:
     qemu_args: list[str]
     vhost_socket: str | None = None
     notes: list[str] | None = None
+    vhost_backend: str | None = None  # vhost: "kernel" (nvmet-vhost) or "engine" (nvmetd's userspace engine)
     tls: bool = False
     tls_key_file: str | None = None  # the PSK (interchange format) for the host side; the answer never holds it
     tls_identity: str | None = None
@@ -67,7 +73,8 @@ class AttachResult:
 class Manager:
     def __init__(self, store: StateStore, cfs: ConfigFS, pools_root: Path | None = None,
                  keys_dir: Path = DEFAULT_KEYS_DIR, host_connect: bool = True,
-                 vhost: VhostEngines | None = None, vhost_auto: bool = False) -> None:
+                 vhost: VhostEngines | None = None, vhost_auto: bool = False,
+                 vhost_backend: Choice = "auto") -> None:
         self.store = store
         self.cfs = cfs
         self.pools_root = pools_root
@@ -76,9 +83,18 @@ class Manager:
         self.vhost = vhost or VhostEngines()
         self.vhost.owner = str(store.path.resolve())
         self.vhost_auto = vhost_auto  # the hypervisor's QEMU has the vhost-user-nvme device (qemu_patches/)
+        self.vhost_backend = vhost_backend  # [vhost] backend: who serves a VM's first vhost disk
+        self.dpu: dict[str, Any] = {}  # [dpu] of nvmetd.toml: offload mode (nvmetd/opi/offload.py)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
         self.tls_keys = TlsKeys(keys_dir)
+        self.changes = ChangeLog()  # the order changes took effect in (nvmetd --change-log)
+        # What this process knows, so that one VM's attach or detach costs the same with 5 VMs or 5,000: the
+        # device path of every disk it activated, the port attributes it read (target/scope.py) and the
+        # transport modules it loaded. A full reconcile (start, drift timer, API) re-reads and refreshes all.
+        self._device_paths: dict[str, str] = {}
+        self._port_attrs: dict[tuple[str, str], str | None] = {}
+        self._modules_loaded: set[str] = set()
 
     # ------------------------------------------------------------------ state document
     @staticmethod
@@ -103,49 +119,139 @@ class Manager:
         """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
         devices: dict[str, str] = {}
         for vm in self._vms(doc).values():
-            for disk, att in vm.attachments.items():
+            for disk in vm.attachments:
                 if disk not in devices:
-                    devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
-                    if att.transport != "vhost" and "limits" in doc["disks"][disk]:
-                        devices[disk] = throttle.device_for(disk, devices[disk])  # its own throttled device
+                    devices[disk] = self._activate(doc, disk)
+        for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
+            if disk not in devices:
+                devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        self._device_paths = dict(devices)
         return devices
+
+    def _activate(self, doc: dict[str, Any], disk: str) -> str:
+        """The volume, activated; a disk that has limits is served through its own throttled device
+        (nvmetd/throttle.py) on every path, so the limit holds whoever submits the I/O."""
+        device = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        if "limits" in doc["disks"][disk]:
+            device = throttle.device_for(disk, device)
+        return device
+
+    def _apply_limits(self, doc: dict[str, Any], devices: dict[str, str]) -> None:
+        for disk, device in devices.items():
+            if device.startswith(f"/dev/mapper/{throttle.DM_PREFIX}"):
+                throttle.apply(device, throttle.Limits.model_validate(doc["disks"][disk]["limits"]))
+
+    def _device(self, doc: dict[str, Any], disk: str) -> str:
+        """One disk's device: activated once, then known (a pool's ledger is not re-read per change)."""
+        if disk not in self._device_paths:
+            self._device_paths[disk] = self._activate(doc, disk)
+        return self._device_paths[disk]
+
+    def _load_modules(self, state: TargetState) -> None:
+        wanted = {p.trtype for p in state.ports} | {"nvmet"}
+        if not wanted <= self._modules_loaded:
+            load_modules(state)
+            self._modules_loaded |= wanted
+
+    def devices(self, doc: dict[str, Any]) -> dict[str, str]:
+        return self._devices(doc)
 
     def effective(self, doc: dict[str, Any], devices: dict[str, str] | None = None) -> TargetState:
         """The tree the kernel should hold."""
         devices = self._devices(doc) if devices is None else devices
-        return compose(parse_state(doc.get("target", {})), self._vms(doc), devices, self._ports(doc))
+        return opi_state.merge(compose(parse_state(doc.get("target", {})), self._vms(doc), devices,
+                                       self._ports(doc)), doc, devices)
 
     def engine_specs(self, doc: dict[str, Any], devices: dict[str, str]) -> list[EngineSpec]:
         specs = []
         for vm in sorted(self._vms(doc).values(), key=lambda v: v.name):
             namespaces = {a.nsid: (disk, devices[disk]) for disk, a in vm.attachments.items()
-                          if a.transport == "vhost"}
+                          if a.transport == "vhost" and a.backend == "engine"}
             if namespaces:
                 specs.append(EngineSpec(vm, namespaces))
-        return specs
+        return specs + opi_state.engine_specs(doc, devices)
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
+        """The whole tree: every volume activated, every object read and compared (start, drift timer, API)."""
         with self.lock:
             doc = self.store.load()
+            self._port_attrs.clear()
+            if doc.get("opi", {}).get("remote_controllers"):
+                from nvmetd.opi.remote import reconnect_all
+
+                reconnect_all(doc)  # the OPI backend paths whose namespaces back OPI namespaces
             devices = self._devices(doc)
             state = self.effective(doc, devices)
             if not self.cfs.exists() and state == TargetState():
                 result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
             else:
                 load_modules(state)
+                self._modules_loaded = {p.trtype for p in state.ports} | {"nvmet"}
                 self.tls_keys.sync(self._vms(doc))  # keys before the TLS port admits anyone
-                result = restore(state, self.cfs, timeout=wait) if wait else apply_state(state, self.cfs)
+                # outside boot too, a port whose address is not up (yet) is pending, not failed: the drift timer
+                # retries it
+                result = (restore(state, self.cfs, timeout=wait) if wait
+                          else apply_state(state, self.cfs, readiness=SystemReadiness()))
+            self._apply_limits(doc, devices)
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
-            for disk, device in devices.items():
-                if device.startswith(f"/dev/mapper/{throttle.DM_PREFIX}"):
-                    throttle.apply(device, throttle.Limits.model_validate(doc["disks"][disk]["limits"]))
+            crash_point("reconcile.after_kernel")
             self._release_detached(doc)
             self.last_result = result
             return result
 
+    def _reconcile_vm(self, vm_name: str, before: Vm | None) -> ApplyResult:
+        """After one VM's attach or detach: plan, read and activate only what that VM has (nvmetd/vm_scope.py).
+
+        Anything short of convergence falls back to the full reconcile, so a failure is reported (and repaired)
+        exactly as before."""
+        doc = self.store.load()
+        raw = doc.get("vms", {}).get(vm_name)
+        vm = Vm.model_validate(raw) if raw is not None else before
+        if vm is None or "kernel" in (vm.vhost_backend(), before.vhost_backend() if before else None):
+            return self.reconcile()  # the scope (vm_scope, target/scope.py) knows nvmetd's fabric ports only
+        ports = self._ports(doc)
+        devices = {disk: self._device(doc, disk) for disk in vm.attachments}
+        state = vm_scope.vm_state(vm, devices, ports, vm_scope.transports_in_use(doc))
+        if not self.cfs.exists() and state == TargetState():
+            result = ApplyResult()
+        else:
+            self._load_modules(state)
+            if vm_scope.uses_tls(vm) or vm_scope.uses_tls(before):
+                self.tls_keys.sync_vm(vm)  # this VM's key before its TLS link admits it, or revoked after
+            live = ScopedLiveTree(self.cfs, [vm.hostnqn], [vm.subnqn], vm_scope.port_ids(ports), self._port_attrs)
+            result = apply_state(state, self.cfs, live=live)
+        self._apply_limits(doc, devices)
+        if vm_scope.uses_vhost(before) or vm_scope.uses_vhost(vm):
+            vhost_devices = {disk: self._device(doc, disk) for other in self._vms(doc).values()
+                             for disk, a in other.attachments.items() if a.transport == "vhost"}
+            result.objects.update(self.vhost.reconcile(self.engine_specs(doc, vhost_devices)))
+        crash_point("reconcile.after_kernel")
+        gone = set(before.attachments) - set(vm.attachments) if before is not None else set()
+        self._release(doc, gone)
+        if not result.converged:
+            return self.reconcile()
+        # status and metrics keep every object of the last full check, with this VM's objects brought up to date
+        previous = self.last_result.objects if self.last_result is not None else {}
+        self.last_result = ApplyResult(objects={**previous, **result.objects}, writes=result.writes,
+                                       planned=result.planned)
+        return result
+
+    def _release(self, doc: dict[str, Any], disks: set[str]) -> None:
+        """Close the volumes of these disks if no VM uses them any more (the end of a detach)."""
+        attached = {d for vm in doc.get("vms", {}).values() for d in vm.get("attachments", {})}
+        for disk in sorted(disks - attached):
+            self._device_paths.pop(disk, None)
+            entry = doc.get("disks", {}).get(disk)
+            if entry is not None and entry.get("state", "ready") == "ready":
+                if "limits" in entry:
+                    throttle.release(disk)  # the throttled device sits on the volume: before closing it
+                pool = self._pool(entry["pool"])
+                if pool.info(disk).attached:
+                    pool.detach(disk)
+
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
-        attached = {d for vm in self._vms(doc).values() for d in vm.attachments}
+        attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
         for disk, entry in doc.get("disks", {}).items():
             if disk not in attached and entry.get("state", "ready") == "ready":
                 if "limits" in entry:
@@ -165,6 +271,7 @@ class Manager:
             return self.reconcile()
 
     # ------------------------------------------------------------------ disks
+    @recorded("create")
     def create_disk(self, name: str, pool: str, size: int | str, tenant: str = "default", thin: bool = True,
                     encrypted: bool = False, compression: str = "off") -> dict[str, Any]:
         """Journal first ("creating"), then make the volume, then mark it ready: a crash in between is rolled
@@ -179,6 +286,7 @@ class Manager:
                     return self.disk_info(name)  # a retried create returns the same disk
                 self._pool(pool)  # the pool must exist before anything is journalled
                 doc.setdefault("disks", {})[name] = {"pool": pool, "state": "creating"}
+            crash_point("create.after_journal")
             backend = self._pool(pool)
             try:
                 if name not in set(backend.volumes()):
@@ -188,6 +296,7 @@ class Manager:
                 with self.store.transaction() as doc:
                     doc.get("disks", {}).pop(name, None)
                 raise
+            crash_point("create.after_volume")
             with self.store.transaction() as doc:
                 doc["disks"][name] = {"pool": pool, "state": "ready"}
             return self.disk_info(name)
@@ -222,23 +331,28 @@ class Manager:
         disks = self.store.load().get("disks", {})
         return [self.disk_info(n) for n in sorted(disks) if disks[n].get("state", "ready") == "ready"]
 
+    @recorded("delete")
     def delete_disk(self, name: str) -> None:
         """Journal "deleting" first, so a crash mid-way finishes the delete at the next start."""
         with self.lock:
             with self.store.transaction() as doc:
                 pool = self._disk_pool(doc, name)
                 users = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
+                users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
                 doc["disks"][name]["state"] = "deleting"
+            crash_point("delete.after_journal")
             self._finish_delete(name, pool)
 
     def _finish_delete(self, name: str, pool: str) -> None:
+        self._device_paths.pop(name, None)
         backend = self._pool(pool)
         if name in set(backend.volumes()):
             if backend.info(name).attached:
                 backend.detach(name)
             backend.delete(name)
+        crash_point("delete.after_volume")
         with self.store.transaction() as doc:
             doc.get("disks", {}).pop(name, None)
 
@@ -252,10 +366,12 @@ class Manager:
                 done.append(f"disk {name}: {'rolled back create' if state == 'creating' else 'finished delete'}")
         return done
 
+    @recorded("resize")
     def resize_disk(self, name: str, size: int | str, force: bool = False) -> dict[str, Any]:
         with self.lock:
             doc = self.store.load()
             self._pool(self._disk_pool(doc, name)).grow(name, size, force=force)
+            crash_point("resize.after_grow")
             self._revalidate(name)
             return self.disk_info(name)
 
@@ -269,11 +385,13 @@ class Manager:
                 if self.cfs.has_attr(ns, "revalidate_size"):
                     self.cfs.write(ns, "revalidate_size", "1")
 
+    @recorded("snapshot")
     def snapshot_disk(self, name: str, snap: str) -> dict[str, Any]:
         with self.lock:
             self._pool(self._disk_pool(self.store.load(), name)).snapshot(name, snap)
             return self.disk_info(name)
 
+    @recorded("clone")
     def clone_disk(self, name: str, snap: str, new_name: str) -> dict[str, Any]:
         validate.safe_name(new_name, "disk name")
         with self.lock:
@@ -299,11 +417,20 @@ class Manager:
                         "(vhost-nvme is off: set `[vhost] auto = true` in nvmetd.toml when the hypervisor's "
                         "QEMU has the vhost-user-nvme device from qemu_patches/)")
 
+    @recorded("attach")
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None, tls: bool = False) -> AttachResult:
+               memory: str | None = None, dpu: str | None = None, tls: bool = False) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
         if tls and transport != "tcp":
             raise UserError("tls: TLS is for --transport tcp")
+        if transport == "dpu" or vm_name in self.store.load().get("offload", {}):
+            from nvmetd.opi.offload import Offload
+
+            if memory is not None:
+                validate.qemu_size(memory, "memory")
+            if transport not in ("dpu", "auto"):
+                raise UserError(f"VM {vm_name!r} is offloaded to a DPU: its disks use --transport dpu")
+            return Offload(self).attach(vm_name, disk, dpu, vm_uuid, memory)
         if memory is not None:
             validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
@@ -314,12 +441,18 @@ class Manager:
                 if tls:
                     self._check_tls()
                 vms = doc.setdefault("vms", {})
-                vm = Vm.model_validate(vms[vm_name]) if vm_name in vms else new_vm(vm_name, vm_uuid)
+                before = Vm.model_validate(vms[vm_name]) if vm_name in vms else None
+                vm = before.model_copy(deep=True) if before is not None else new_vm(vm_name, vm_uuid)
                 if vm_uuid and vm.uuid != validate.uuid_str(vm_uuid):
                     raise UserError(f"VM {vm_name!r} exists with UUID {vm.uuid}, not {vm_uuid}")
+                for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
+                    if other != vm_name and disk in entry.get("attachments", {}):
+                        raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
                 for other in self._vms(doc).values():
                     if other.name != vm_name and disk in other.attachments:
                         raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
+                if disk in opi_state.disks(doc):
+                    raise UserError(f"disk {disk!r} is the volume of {opi_state.disks(doc)[disk][0]} (OPI API)")
                 current = vm.attachments.get(disk)
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
@@ -330,21 +463,49 @@ class Manager:
                                     "detach it first to change that")
                 if tls and vm.tls_psk is None:
                     vm.tls_psk = tls_psk.generate_psk()
+                backend = "engine"
+                if chosen == "vhost":
+                    if current is not None:
+                        backend, bwhy = current.backend, f"the disk is on the {current.backend} back-end already"
+                    else:
+                        try:
+                            backend, bwhy = choose_backend(self.vhost_backend, vm.vhost_backend())
+                        except KernelBackendMissing as exc:
+                            raise Unsupported(str(exc)) from None
+                    why = f"{why}; {backend} back-end: {bwhy}"
+                self._check_kernel_vhost_mix(vm, disk, chosen, backend)
                 if current is None:
                     nsid = vm.next_nsid()
-                    if chosen == "vhost" and nsid > MAX_VHOST_NSID:
+                    if chosen == "vhost" and backend == "engine" and nsid > MAX_VHOST_NSID:
                         raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
-                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, tls=tls)
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend, tls=tls)
                 vms[vm_name] = vm.model_dump()
-            result = self.reconcile()
+            crash_point("attach.after_store")
+            result = self._reconcile_vm(vm_name, before)
+            crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
             bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
             if bad:
-                where = "the vhost engine" if chosen == "vhost" else "the kernel"
+                where = "the vhost engine" if chosen == "vhost" and backend == "engine" else "the kernel"
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
             return self._attach_result(vm_name, disk, why, memory)
+
+    @staticmethod
+    def _check_kernel_vhost_mix(vm: Vm, disk: str, transport: str, backend: str) -> None:
+        """A VM on the kernel vhost back-end binds with a key-less host NQN, so its subsystem must not be on a
+        fabric port too (nvmetd.vhost_kernel): refuse the mix either way."""
+        others = {a.transport if a.transport != "vhost" else f"vhost ({a.backend})"
+                  for d, a in vm.attachments.items() if d != disk}
+        kernel_vhost = transport == "vhost" and backend == "kernel"
+        if kernel_vhost and any(not o.startswith("vhost") for o in others):
+            raise UserError(f"VM {vm.name!r} has disks over {', '.join(sorted(others))}: the kernel vhost back-end "
+                            "binds without DH-CHAP, so its subsystem cannot also be on a fabric port; detach them "
+                            "or set [vhost] backend = engine")
+        if transport != "vhost" and vm.vhost_backend() == "kernel":
+            raise UserError(f"VM {vm.name!r} is on the kernel vhost back-end (no DH-CHAP): its subsystem cannot also "
+                            f"be exported over {transport}; use --transport vhost")
 
     def _check_transport(self, transport: str, doc: dict[str, Any]) -> None:
         """Refuse a transport this host cannot export before the attachment is recorded: once stored, an
@@ -375,7 +536,7 @@ class Manager:
 
     def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None) -> AttachResult:
         doc = self.store.load()
-        vm = self._vms(doc)[vm_name]
+        vm = Vm.model_validate(doc["vms"][vm_name])
         att = vm.attachments[disk]
         if att.transport == "vhost":
             return self._vhost_result(vm, disk, att, why, memory)
@@ -423,8 +584,17 @@ class Manager:
     def _vhost_result(self, vm: Vm, disk: str, att: Attachment, why: str, memory: str | None) -> AttachResult:
         """All vhost disks of a VM are namespaces of one controller: the QEMU arguments are the same for each,
         and a QEMU that already has the device sees the new disk as a new namespace, without a new device."""
-        from vhost_nvme.qemu_args import device_args, shared_memory_args
+        from vhost_nvme.qemu_args import device_args, kernel_device_args, shared_memory_args
 
+        if att.backend == "kernel":
+            qemu = kernel_device_args(vm.subnqn, vm.vhost_hostnqn, dev_id=vhost_device_id(vm.name))
+            notes = [f"disk {disk} is namespace {att.nsid} of the VM's subsystem in nvmet, on the vhost port; QEMU "
+                     "opens /dev/vhost-nvme itself (as root) and binds with the VM's vhost host NQN (no DH-CHAP: "
+                     "the kernel transport has none; that NQN is allowed on this subsystem only, on no fabric)",
+                     "add the device once per VM (a running guest sees further disks as new namespaces); guest RAM "
+                     "needs no shared memory backend"]
+            return AttachResult(vm.name, disk, "vhost", why, vm.subnqn, vm.vhost_hostnqn, att.nsid, "", "", "", None,
+                                qemu, notes=notes, vhost_backend="kernel")
         sock = self.vhost.socket_path(vm)
         qemu = (shared_memory_args(memory) if memory else []) + device_args(
             str(sock), dev_id=vhost_device_id(vm.name), subnqn=vm.subnqn)
@@ -434,7 +604,7 @@ class Manager:
             notes.append("vhost-user needs the VM's RAM to be a shared memfd: add -object memory-backend-memfd,"
                          "id=mem,size=<RAM>,share=on -machine memory-backend=mem (or pass memory to attach)")
         return AttachResult(vm.name, disk, "vhost", why, vm.subnqn, vm.hostnqn, att.nsid, "", "", "", None, qemu,
-                            vhost_socket=str(sock), notes=notes)
+                            vhost_socket=str(sock), notes=notes, vhost_backend="engine")
 
     def _host_connection(self, vm: Vm) -> str:
         """The host-side loop controller for this VM (one per VM; new disks appear on it as namespaces)."""
@@ -448,19 +618,26 @@ class Manager:
         conn = initiator.connect(vm.subnqn, vm.hostnqn, "loop", dhchap_key=vm.dhchap_key)
         return conn.controller
 
+    @recorded("detach")
     def detach(self, vm_name: str, disk: str) -> dict[str, Any]:
+        if vm_name in self.store.load().get("offload", {}):
+            from nvmetd.opi.offload import Offload
+
+            return Offload(self).detach(vm_name, disk)
         with self.lock:
             with self.store.transaction() as doc:
                 vms = doc.get("vms", {})
                 if vm_name not in vms:
                     raise UserError(f"no VM named {vm_name!r}")
-                vm = Vm.model_validate(vms[vm_name])
+                before = Vm.model_validate(vms[vm_name])
+                vm = before.model_copy(deep=True)
                 removed = vm.attachments.pop(disk, None)
                 vms[vm_name] = vm.model_dump()
+            crash_point("detach.after_store")
             if removed is not None and removed.transport == "loop" and not any(
                     a.transport == "loop" for a in vm.attachments.values()):
                 _disconnect_host(vm)
-            result = self.reconcile()
+            result = self._reconcile_vm(vm_name, before)
             return {"vm": vm_name, "disk": disk, "detached": removed is not None, "converged": result.converged}
 
     def list_vms(self) -> list[dict[str, Any]]:
@@ -475,8 +652,13 @@ class Manager:
                 "disks": {d: a.model_dump() for d, a in sorted(vm.attachments.items())}}
         if any(a.tls for a in vm.attachments.values()):
             info["tls_key_file"] = str(tls_key_file(self.keys_dir, vm))
-        if any(a.transport == "vhost" for a in vm.attachments.values()):
+        backend = vm.vhost_backend()
+        if backend is not None:
+            info["vhost_backend"] = backend
+        if backend == "engine":
             info["vhost_socket"] = str(self.vhost.socket_path(vm))
+        elif backend == "kernel":
+            info["vhost_host_nqn"] = vm.vhost_hostnqn
         return info
 
     def status(self) -> dict[str, Any]:
@@ -489,9 +671,11 @@ class Manager:
                 pools[name] = st.to_dict() if hasattr(st, "to_dict") else dict(st.__dict__)
             except Exception as exc:  # a broken pool must not hide the others
                 pools[name] = {"error": str(exc)}
+        counters = self.cfs.counters
         return {"generation": doc.get("generation", 0), "vms": len(doc.get("vms", {})),
                 "disks": len(doc.get("disks", {})), "pools": pools,
-                "reconcile": None if result is None else result.to_dict()}
+                "reconcile": None if result is None else result.to_dict(),
+                "configfs": {"reads": counters.reads, "changes": counters.changes}}
 
     def boot(self, wait: float = 120.0) -> ApplyResult:
         """Start-up: finish or roll back interrupted volume operations, then restore the kernel tree."""
@@ -501,9 +685,11 @@ class Manager:
                     log.info("pool %s: %s", name, line)
             except Exception as exc:
                 log.error("pool %s: recovery failed: %s", name, exc)
+        crash_point("boot.after_recover")
         with self.lock:
             for line in self._finish_journal():
                 log.info("%s", line)
+        crash_point("boot.after_journal")
         return self.reconcile(wait=wait)
 
 

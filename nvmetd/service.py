@@ -18,11 +18,14 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nvmetd.changelog import ChangeLog
+from nvmetd.errors import UserError
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
+from nvmetd.readiness import ServiceReadiness
 from nvmetd.vhost import DEFAULT_RUN_DIR, VhostEngines
 from nvmetd.vms import Ports
 from target.configfs import NVMET_ROOT, ConfigFS
@@ -75,6 +78,32 @@ def load_config(path: Path) -> dict[str, Any]:
         except ValidationError as exc:
             raise ValueError(f"{path}: " + "; ".join(
                 "vhost" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+    dpu = config.get("dpu")
+    if dpu is not None:
+        from nvmetd.opi.offload import DpuConfig
+
+        if not isinstance(dpu, dict):
+            raise ValueError(f"{path}: [dpu] must be a table")
+        try:
+            config["dpu"] = DpuConfig.model_validate(dpu).check().model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "dpu" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+        except (ValueError, UserError) as exc:
+            raise ValueError(f"{path}: dpu: {exc}") from None
+    opi = config.get("opi")
+    if opi is not None:
+        from nvmetd.opi.server import OpiConfig
+
+        if not isinstance(opi, dict):
+            raise ValueError(f"{path}: [opi] must be a table")
+        try:
+            config["opi"] = OpiConfig.model_validate(opi).check().model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: " + "; ".join(
+                "opi" + "".join(f".{x}" for x in e["loc"]) + f": {e['msg']}" for e in exc.errors())) from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return config
 
 
@@ -85,6 +114,8 @@ class VhostConfig(BaseModel):
     auto: bool = False  # the hypervisor's QEMU has the vhost-user-nvme device: --transport auto picks vhost
     socket_group: str | None = None  # QEMU's group: it gets the engine sockets (0660)
     poll_us: int | None = Field(default=None, ge=1, le=1_000_000)  # engine busy-poll cap
+    # who serves --transport vhost: the in-kernel nvmet-vhost when it loads (auto), always it, or the engine
+    backend: Literal["auto", "kernel", "engine"] = "auto"
 
 
 def bind_socket(path: Path, group: str | None) -> socket.socket:
@@ -114,16 +145,21 @@ class Service:
                                host_connect=not args.no_host_connect,
                                vhost=VhostEngines(args.vhost_dir, poll_us=vhost.get("poll_us"),
                                                   socket_group=vhost.get("socket_group")),
-                               vhost_auto=bool(vhost.get("auto", False)))
+                               vhost_auto=bool(vhost.get("auto", False)),
+                               vhost_backend=vhost.get("backend", "auto"))
+        self.manager.changes = ChangeLog(args.change_log)
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.reload = threading.Event()
         from sdnotify import SystemdNotifier
 
         self.notifier = SystemdNotifier()
+        self.readiness = ServiceReadiness(self.notifier.notify, f"serving on {args.socket}")
 
     def apply_config(self) -> None:
         self.manager.vhost_auto = bool(self.config.get("vhost", {}).get("auto", False))
+        self.manager.vhost_backend = self.config.get("vhost", {}).get("backend", "auto")
+        self.manager.dpu = dict(self.config.get("dpu", {}))
         ports = self.config.get("ports")
         if ports is not None:
             stored = Ports.model_validate(ports).model_dump(exclude_unset=True)
@@ -143,12 +179,15 @@ class Service:
         log.info("reloaded %s", self.args.config)
 
     def reconcile_loop(self) -> None:
-        """Boot restore first (waiting for late devices/addresses), then repair drift every interval."""
+        """Boot restore first (waiting for late devices/addresses), then repair drift every interval. nvmetd is
+        READY only once a restore or reconcile converged; until then STATUS= says what it is waiting for."""
         try:
             result = self.manager.boot(wait=self.args.restore_timeout)
             log.info("restore finished: converged=%s writes=%d", result.converged, result.writes)
-        except Exception:
+            self.readiness.converged(result, "restore")
+        except Exception as exc:
             log.exception("restore failed")
+            self.readiness.failed(f"restore failed: {exc}")
         while not self.stop.is_set():
             self.wake.wait(self.args.drift_interval)
             self.wake.clear()
@@ -161,8 +200,10 @@ class Service:
                 result = self.manager.reconcile()
                 if result.writes:
                     log.warning("repaired drift: %d configfs changes", result.writes)
-            except Exception:
+                self.readiness.converged(result, "reconcile")
+            except Exception as exc:
                 log.exception("reconcile failed")
+                self.readiness.failed(f"reconcile failed: {exc}")
 
     def watchdog_loop(self, reconciler: threading.Thread) -> None:
         """Ping at half the watchdog interval while the reconcile thread lives, so a dead loop gets us restarted."""
@@ -183,6 +224,17 @@ class Service:
         self.reload.set()
         self.wake.set()
 
+    def start_opi(self) -> Any:
+        """The OPI storage API (gRPC, nvmetd/opi/) on the same Manager: one state, two APIs."""
+        from nvmetd.opi.server import OpiConfig, build
+
+        config = OpiConfig.model_validate(self.config.get("opi", {}))
+        socket_path = self.args.opi_socket or Path(config.socket or str(self.args.socket.parent / "opi.sock"))
+        opi = build(self.manager, socket_path, config)
+        opi.start()
+        log.info("OPI storage API on %s%s", socket_path, f" and {config.tcp} (mutual TLS)" if config.tcp else "")
+        return opi
+
     def run(self) -> int:
         import uvicorn
 
@@ -190,7 +242,8 @@ class Service:
 
         self.apply_config()
         group = self.args.socket_group or self.config.get("socket_group")
-        sock = bind_socket(self.args.socket, group)
+        with self.manager.store.locked():  # `nvmetctl --offline` checks the socket under this lock
+            sock = bind_socket(self.args.socket, group)
         reconciler = threading.Thread(target=self.reconcile_loop, name="reconcile", daemon=True)
         reconciler.start()
         threading.Thread(target=self.watchdog_loop, args=(reconciler,), name="watchdog", daemon=True).start()
@@ -201,13 +254,15 @@ class Service:
         def ready() -> None:
             while not server.started and not self.stop.is_set():
                 time.sleep(0.05)
-            self.notifier.notify("READY=1\nSTATUS=serving on " + str(self.args.socket))
             log.info("serving on %s", self.args.socket)
+            self.readiness.serving()
 
         threading.Thread(target=ready, daemon=True).start()
+        opi = self.start_opi()
         try:
             server.run(sockets=[sock])
         finally:
+            opi.stop(grace=2)
             self.stop.set()
             self.wake.set()
             self.notifier.notify("STOPPING=1")
@@ -230,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait at start for late devices and addresses")
     parser.add_argument("--no-host-connect", action="store_true",
                         help="never connect loop attachments on this host (return parameters only)")
+    parser.add_argument("--change-log", type=Path, default=None,
+                        help="append each disk/VM call, in the order it took effect, to this JSON-lines file")
+    parser.add_argument("--opi-socket", type=Path, default=None,
+                        help="the OPI storage API's Unix socket (default: opi.sock beside --socket)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)

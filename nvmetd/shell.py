@@ -2,20 +2,49 @@
 
 Nodes mirror configfs (subsystems/namespaces, ports, hosts) as the kernel holds them, and `diff`, `repair`
 compare with nvmetd's desired state. It changes the kernel only through `repair`, which applies the stored desired
-state; a hand-made change here would be undone by the next reconcile anyway.
+state; a hand-made change here would be undone by the next reconcile anyway. What it reads and what `repair`
+writes come from a `Tree`: nvmetd's API (nvmetctl's default) or, offline, `Local` on configfs itself.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from configshell import ConfigNode, ConfigShell
 
-from target.apply import apply_state, diff
 from target.configfs import ConfigFS
-from target.live import read_state
 from target.model import TargetState
+
+
+class Tree(Protocol):
+    def live(self) -> TargetState: ...
+    def drift(self) -> list[str]: ...
+    def repair(self) -> dict[str, Any]: ...
+
+
+class Local:
+    """The tree on this host's configfs, against a desired state (offline, and the unit tests' fake tree)."""
+
+    def __init__(self, cfs: ConfigFS, desired: Callable[[], TargetState]) -> None:
+        self.cfs = cfs
+        self.desired = desired
+
+    def live(self) -> TargetState:
+        from target.live import read_state
+
+        return read_state(self.cfs)
+
+    def drift(self) -> list[str]:
+        from target.apply import diff
+
+        return diff(self.desired(), self.cfs)
+
+    def repair(self) -> dict[str, Any]:
+        from target.apply import apply_state
+
+        return apply_state(self.desired(), self.cfs).to_dict()
 
 
 class _Node(ConfigNode):
@@ -37,16 +66,15 @@ class _Node(ConfigNode):
 
 
 class Root(ConfigNode):
-    def __init__(self, shell: ConfigShell, cfs: ConfigFS, desired: Callable[[], TargetState]) -> None:
+    def __init__(self, shell: ConfigShell, tree: Tree) -> None:
         super().__init__("/", shell=shell)
-        self.cfs = cfs
-        self.desired = desired
+        self.tree = tree
         self.refresh()
 
     def refresh(self) -> None:
         for child in list(self.children):
             self.remove_child(child)
-        live = read_state(self.cfs)
+        live = self.tree.live()
         subs = ConfigNode("subsystems", self)
         for sub in live.subsystems:
             node = _Node(sub.nqn, subs, sub.model_dump(exclude={"namespaces", "passthru"}))
@@ -66,27 +94,26 @@ class Root(ConfigNode):
 
     def ui_command_diff(self) -> None:
         """What differs between nvmetd's desired state and the live kernel."""
-        changes = diff(self.desired(), self.cfs)
+        changes = self.tree.drift()
         self.shell.con.display("\n".join(changes) or "no drift")
 
     def ui_command_repair(self) -> None:
         """Apply the desired state (undo hand edits)."""
-        result = apply_state(self.desired(), self.cfs)
-        self.shell.con.display(f"converged={result.converged} configfs changes={result.writes}")
+        result = self.tree.repair()
+        self.shell.con.display(f"converged={result['converged']} configfs changes={result['writes']}")
         self.refresh()
 
 
-def build(cfs: ConfigFS, desired: Callable[[], TargetState], preferences_dir: str | None = None) -> ConfigShell:
+def build(tree: Tree, preferences_dir: str | None = None) -> ConfigShell:
     shell = ConfigShell(preferences_dir)
     # configshell's Console binds sys.stdout when it is imported; write to the stdout of now instead
     shell.con._stdout = sys.stdout
-    Root(shell, cfs, desired)
+    Root(shell, tree)
     return shell
 
 
-def run(cfs: ConfigFS, desired: Callable[[], TargetState], commands: list[str] | None = None,
-        preferences_dir: str | None = None) -> None:
-    shell = build(cfs, desired, preferences_dir)
+def run(tree: Tree, commands: list[str] | None = None, preferences_dir: str | None = None) -> None:
+    shell = build(tree, preferences_dir)
     if commands:
         for line in commands:
             shell.run_cmdline(line)

@@ -31,16 +31,31 @@ class TlsKeys:
         self.inserted: dict[tuple[str, str], str] = {}  # (hostnqn, subnqn) -> sha256 of the PSK (never the PSK)
 
     def sync(self, vms: dict[str, Vm]) -> None:
+        """Every VM's key (the full reconcile): keys of VMs without TLS disks any more are revoked."""
         wanted = {(vm.hostnqn, vm.subnqn): vm for vm in tls_vms(vms)}
-        for (hostnqn, subnqn), vm in sorted(wanted.items()):
-            assert vm.tls_psk is not None
-            digest = hashlib.sha256(vm.tls_psk.encode()).hexdigest()
-            if self.inserted.get((hostnqn, subnqn)) != digest:
-                tls.insert(vm.tls_psk, hostnqn, subnqn)
-                tls.write_key_file(key_file(self.keys_dir, vm), vm.tls_psk)
-                self.inserted[(hostnqn, subnqn)] = digest
-                log.info("TLS key of VM %s in the .nvme keyring (identity %s)", vm.name, tls.identity(hostnqn, subnqn))
+        for vm in sorted(wanted.values(), key=lambda v: v.name):
+            self._insert(vm)
         for ident in sorted(set(self.inserted) - set(wanted)):
-            tls.revoke(*ident)
-            del self.inserted[ident]
-            log.info("TLS key for %s revoked", tls.identity(*ident))
+            self._revoke(ident)
+
+    def sync_vm(self, vm: Vm) -> None:
+        """One VM's key (its own attach or detach, a scoped reconcile): the other VMs' keys are not looked at."""
+        if tls_vms({vm.name: vm}):
+            self._insert(vm)
+        elif (vm.hostnqn, vm.subnqn) in self.inserted:
+            self._revoke((vm.hostnqn, vm.subnqn))
+
+    def _insert(self, vm: Vm) -> None:
+        assert vm.tls_psk is not None
+        ident = (vm.hostnqn, vm.subnqn)
+        digest = hashlib.sha256(vm.tls_psk.encode()).hexdigest()
+        if self.inserted.get(ident) != digest:
+            tls.insert(vm.tls_psk, *ident)
+            tls.write_key_file(key_file(self.keys_dir, vm), vm.tls_psk)
+            self.inserted[ident] = digest
+            log.info("TLS key of VM %s in the .nvme keyring (identity %s)", vm.name, tls.identity(*ident))
+
+    def _revoke(self, ident: tuple[str, str]) -> None:
+        tls.revoke(*ident)
+        del self.inserted[ident]
+        log.info("TLS key for %s revoked", tls.identity(*ident))

@@ -12,14 +12,14 @@ import os
 import uuid as uuidlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from target import validate
 from target.model import Host, Namespace, Port, Subsystem, TargetState
 
 SUBSYSTEM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"
 Transport = Literal["tcp", "loop", "rdma", "vhost"]
-KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine
+KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine or nvmet-vhost
 
 
 def vm_hostnqn(vm_uuid: str) -> str:
@@ -42,6 +42,18 @@ class Attachment(BaseModel):
     nsid: int = Field(ge=1, le=1024)
     transport: Transport
     tls: bool = False  # tcp only: exported on the TLS port (treq required, tsas tls1.3)
+    # vhost only: who serves the controller (nvmetd.vhost_kernel); state files from before it mean the engine
+    backend: Literal["engine", "kernel"] = "engine"
+
+    @property
+    def in_kernel(self) -> bool:
+        """Served by nvmet: a fabrics transport, or vhost on the kernel back-end."""
+        return self.transport in KERNEL_TRANSPORTS or (self.transport == "vhost" and self.backend == "kernel")
+
+    @property
+    def export(self) -> str:
+        """The nvmetd port this disk is exported on: its transport, or `tls` for the TLS port."""
+        return "tls" if self.tls else self.transport
 
 
 class Vm(BaseModel):
@@ -68,11 +80,21 @@ class Vm(BaseModel):
 
     @property
     def hostnqn(self) -> str:
-        return vm_hostnqn(self.uuid)
+        return validate.nqn(vm_hostnqn(self.uuid))  # nvmetd's own NQNs: the spec's form, strictly
 
     @property
     def subnqn(self) -> str:
-        return vm_subsystem(self.uuid)
+        return validate.nqn(vm_subsystem(self.uuid))
+
+    @property
+    def vhost_hostnqn(self) -> str:
+        from nvmetd.vhost_kernel import vhost_hostnqn
+
+        return vhost_hostnqn(self.uuid)
+
+    def vhost_backend(self) -> Literal["engine", "kernel"] | None:
+        """The back-end of the VM's vhost controller, if it has vhost disks."""
+        return next((a.backend for a in self.attachments.values() if a.transport == "vhost"), None)
 
     def next_nsid(self) -> int:
         used = {a.nsid for a in self.attachments.values()}
@@ -96,10 +118,23 @@ class Ports(BaseModel):
     rdma_id: int = 4422
     rdma_address: str | None = None
     rdma_port: str = "4420"
+    vhost_id: int = 4423
     # TLS needs a port of its own: treq/tsas are per port, and plain-TCP VMs must keep working
-    tls_id: int = 4423
+    tls_id: int = 4425
     tls_address: str | None = None  # default: tcp_address
     tls_port: str = "4430"
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> Ports:
+        ids = [self.tcp_id, self.loop_id, self.rdma_id, self.vhost_id, self.tls_id]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"ports: nvmetd's port ids must differ (tcp, loop, rdma, vhost, tls: {ids})")
+        return self
+
+    def ids(self) -> dict[str, int]:
+        """nvmetd's port id per export (transport, or `tls`)."""
+        return {"tcp": self.tcp_id, "loop": self.loop_id, "rdma": self.rdma_id, "vhost": self.vhost_id,
+                "tls": self.tls_id}
 
     def port(self, transport: str, subsystems: list[str]) -> Port:
         if transport == "tls":
@@ -116,6 +151,8 @@ class Ports(BaseModel):
             family = "ipv6" if ":" in self.rdma_address else "ipv4"
             return Port(id=self.rdma_id, trtype="rdma", adrfam=family, traddr=self.rdma_address,
                         trsvcid=self.rdma_port, subsystems=subsystems)
+        if transport == "vhost":  # /dev/vhost-nvme binds to subsystems exported here (kernel_patches/)
+            return Port(id=self.vhost_id, trtype="vhost", subsystems=subsystems)
         return Port(id=self.loop_id, trtype="loop", subsystems=subsystems)
 
 
@@ -125,19 +162,26 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     `devices` maps disk name -> the file or block device its namespace opens (from the backend).
     """
     data: dict[str, Any] = base.model_dump()
-    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "tls": []}
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": [], "tls": []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
-        kernel = {disk: a for disk, a in vm.attachments.items() if a.transport in KERNEL_TRANSPORTS}
+        kernel = {disk: a for disk, a in vm.attachments.items() if a.in_kernel}
         if not kernel:
-            continue  # vhost disks are served by nvmetd's own engine, not by the kernel target
-        data["hosts"].append(Host(nqn=vm.hostnqn, dhchap_key=vm.dhchap_key).model_dump())
+            continue  # engine-served vhost disks are nvmetd's own engine's, not the kernel target's
+        if vm.vhost_backend() == "kernel":
+            # the kernel transport does no DH-CHAP: a host NQN of its own, without a key, and no fabric port
+            # (attach refuses to mix; nvmetd.vhost_kernel says why)
+            host = vm.vhost_hostnqn
+            data["hosts"].append(Host(nqn=host).model_dump())
+        else:
+            host = vm.hostnqn
+            data["hosts"].append(Host(nqn=host, dhchap_key=vm.dhchap_key).model_dump())
         namespaces = [Namespace(nsid=a.nsid, device_path=devices[disk],
                                 device_uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{vm.uuid}/{disk}")))
                       for disk, a in sorted(kernel.items())]
-        data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[vm.hostnqn], model="nvmetd virtual disk",
+        data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[host], model="nvmetd virtual disk",
                                             serial=vm.uuid.replace("-", "")[:20],
                                             namespaces=namespaces).model_dump())
-        for transport in sorted({"tls" if a.tls else a.transport for a in kernel.values()}):
+        for transport in sorted({a.export for a in kernel.values()}):
             exported[transport].append(vm.subnqn)
     for transport, subs in exported.items():
         if subs:

@@ -5,10 +5,13 @@ One boot serves a whole test session: the caller passes the complete command (e.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +22,10 @@ GUEST_INIT = REPO / "rig" / "guest-init.sh"
 KERNEL_GLOB = "vmlinuz-6.12.*-amd64"
 # Environment variables the guest command inherits; everything else stays on the host.
 PASSED_ENV = ("CI", "NVMETD_", "PYTEST_ADDOPTS", "BENCH_")
+# Where the guest's pytest names the test it is running (tests/conftest.py), so a timeout can say which one hung.
+PROGRESS_ENV = "NVMETD_RIG_PROGRESS"
+# On a shared development machine, at most this many rig VMs boot at once (unset: no limit; CI runs one).
+SLOTS_ENV = "NVMETD_RIG_SLOTS"
 
 
 class RigError(Exception):
@@ -65,12 +72,15 @@ def guest_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
 
 
-def build_argv(command: list[str], memory: str, cpus: int, workdir: Path) -> list[str]:
-    """The vng argv. The guest command goes through rig/guest-init.sh, which prepares configfs and udev."""
+def build_argv(command: list[str], memory: str, cpus: int, workdir: Path, progress: Path | None = None) -> list[str]:
+    """The vng argv. The guest command goes through rig/guest-init.sh, which prepares configfs and udev.
+    `progress` is a file in the shared repo where the guest's pytest writes the test it is running (conftest.py)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise RigError("qemu-system-x86_64 is not installed: run `make setup`")
     mounts = ":".join(f"nvmetd_py{i}={p}" for i, p in enumerate(python_dirs()))
     env = [f"{k}={v}" for k, v in sorted(guest_env().items())] + [f"NVMETD_RIG_MOUNTS={mounts}"]
+    if progress is not None:
+        env.append(f"{PROGRESS_ENV}={progress}")
     inner = ["env", *env, "bash", str(GUEST_INIT), str(workdir), *command]
     return [
         _vng(),
@@ -107,13 +117,61 @@ def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 
     """Run `command` in the rig VM (or directly, when this host has nvmet) and return its exit status."""
     if host_has_nvmet():
         return subprocess.run(command, cwd=workdir, check=False).returncode
-    argv = build_argv(command, memory, cpus, workdir)
+    progress = REPO / ".rig" / f"progress-{os.getpid()}"
+    progress.parent.mkdir(exist_ok=True)
+    progress.unlink(missing_ok=True)
+    argv = build_argv(command, memory, cpus, workdir, progress)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    # qemu's stdio chardev would truncate a redirected stdout (losing what the caller printed before), so the
-    # guest's output is relayed through a pipe instead.
-    proc = subprocess.Popen(argv, env={**os.environ, "PATH": path}, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    timer = threading.Timer(timeout, proc.kill)
+    with rig_slot(os.environ.get(SLOTS_ENV, "")):
+        return supervise(argv, {**os.environ, "PATH": path}, timeout, progress)
+
+
+@contextlib.contextmanager
+def rig_slot(slots: str, lock_dir: Path = Path("/tmp")):
+    """Hold one of `slots` machine-wide VM slots while the rig runs.
+
+    TCG VMs share the host's cores: two cores running eight VMs made one test take eight minutes, and the runs'
+    timeouts fired on work that was only starved. An flock dies with its holder, so a killed run frees its slot."""
+    if not slots:
+        yield
+        return
+    count = max(1, int(slots))
+    files = [open(lock_dir / f"nvmetd-rig-slot.{i}", "a") for i in range(count)]  # noqa: SIM115
+    try:
+        announced = False
+        while True:
+            for handle in files:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                yield
+                return
+            if not announced:
+                print(f"rig: waiting for one of {count} VM slots ({SLOTS_ENV})", file=sys.stderr, flush=True)
+                announced = True
+            threading.Event().wait(2)
+    finally:
+        for handle in files:
+            handle.close()
+
+
+def supervise(argv: list[str], env: dict[str, str], timeout: float, progress: Path) -> int:
+    """Run the VM's argv, relay its output, and on timeout kill its whole process group (exit 124), naming the test
+    `progress` says was running.
+
+    qemu's stdio chardev would truncate a redirected stdout (losing what the caller printed before), so the
+    guest's output is relayed through a pipe instead. vng runs in a session of its own: on timeout the whole
+    group goes (vng, QEMU and its helpers); killing vng alone once left QEMU running the VM to its end."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    fired = threading.Event()
+
+    def kill_vm() -> None:
+        fired.set()
+        kill_group(proc.pid)
+
+    timer = threading.Timer(timeout, kill_vm)
     timer.start()
     try:
         assert proc.stdout is not None
@@ -123,7 +181,18 @@ def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 
         status = proc.wait()
     finally:
         timer.cancel()
-    if status == -9:
-        print(f"rig: the VM did not finish within {timeout:.0f} s and was killed", file=sys.stderr)
+        kill_group(proc.pid)  # whatever of the VM is left (after ^C in the caller, or a timeout): never leave one
+    running = progress.read_text().strip() if progress.exists() else ""
+    progress.unlink(missing_ok=True)
+    if fired.is_set():
+        where = f"; it was running {running}" if running else "; no test had started"
+        print(f"rig: the VM did not finish within {timeout:.0f} s and was killed (QEMU included){where}",
+              file=sys.stderr)
         return 124
     return status
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group; it may be gone already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -67,15 +67,19 @@ class Readiness:
 
 
 def apply_state(desired: TargetState, cfs: ConfigFS, prune: bool = True,
-                readiness: Readiness | None = None, dry_run: bool = False) -> ApplyResult:
+                readiness: Readiness | None = None, dry_run: bool = False,
+                live: LiveTree | None = None) -> ApplyResult:
+    """Plan against `live` (the whole tree by default; a target.scope.ScopedLiveTree for one VM's change) and
+    execute."""
     flat = flatten(desired)
-    live = LiveTree(cfs)
+    live = live if live is not None else LiveTree(cfs)
     ops = plan(flat, live, prune=prune)
     result = ApplyResult(planned=[op.describe() for op in ops])
     if dry_run:
         return result
     before = cfs.counters.changes
     _execute(ops, flat, cfs, live, readiness or Readiness(), result)
+    live.forget_touched(ops)
     result.writes = cfs.counters.changes - before
     for nodes in (flat.hosts, flat.ports, flat.ana_groups, flat.referrals, flat.subsystems, flat.namespaces,
                   flat.passthru):

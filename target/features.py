@@ -15,7 +15,8 @@ from functools import cached_property
 from target.configfs import ConfigFS, ConfigfsError
 from target.model import TargetState
 
-TRANSPORT_MODULES = {"tcp": "nvmet-tcp", "rdma": "nvmet-rdma", "loop": "nvme-loop", "fc": "nvmet-fc"}
+TRANSPORT_MODULES = {"tcp": "nvmet-tcp", "rdma": "nvmet-rdma", "loop": "nvme-loop", "fc": "nvmet-fc",
+                     "vhost": "nvmet-vhost"}
 PROBE_NQN = "nqn.2014-08.io.nvmetd:feature-probe"
 
 

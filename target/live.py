@@ -7,11 +7,16 @@ attributes the desired state manages, not all of them: re-checking 1,000 unchang
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from target import layout
 from target.configfs import ConfigFS
 from target.model import AnaGroup, Host, Namespace, Passthru, Port, Referral, Subsystem, TargetState
+
+if TYPE_CHECKING:
+    from target.plan import Op
 
 
 class LiveTree:
@@ -27,6 +32,12 @@ class LiveTree:
 
     def forget(self, path: str, file: str) -> None:
         self._cache.pop((path, file), None)
+
+    def forget_touched(self, ops: Iterable[Op]) -> None:
+        """After an apply: what was read of an object the apply wrote to, created or removed is stale."""
+        touched = {op.path for op in ops} | {op.obj for op in ops}
+        for key in [k for k in self._cache if k[0] in touched]:
+            del self._cache[key]
 
     @cached_property
     def hosts(self) -> list[str]:

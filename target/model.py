@@ -14,12 +14,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from target import validate
 
-Nqn = Annotated[str, AfterValidator(validate.nqn)]
+Nqn = Annotated[str, AfterValidator(validate.kernel_nqn)]
 Uuid = Annotated[str, AfterValidator(validate.uuid_str)]
 DevicePath = Annotated[str, AfterValidator(validate.device_path)]
 DhchapKey = Annotated[str, AfterValidator(validate.dhchap_key)]
 
-Trtype = Literal["tcp", "rdma", "loop", "fc"]
+Trtype = Literal["tcp", "rdma", "loop", "fc", "vhost"]
 Adrfam = Literal["ipv4", "ipv6", "ib", "fc", ""]
 Treq = Literal["not specified", "required", "not required"]
 AnaState = Literal["optimized", "non-optimized", "inaccessible", "persistent-loss", "change"]
@@ -207,9 +207,9 @@ class Port(_Node):
 
 
 def _check_address(trtype: str, adrfam: str, traddr: str, trsvcid: str) -> None:
-    if trtype == "loop":
+    if trtype in ("loop", "vhost"):  # vhost: guests bind through /dev/vhost-nvme (kernel_patches/)
         if adrfam or traddr or trsvcid:
-            raise ValueError("a loop port takes no adrfam, traddr or trsvcid")
+            raise ValueError(f"a {trtype} port takes no adrfam, traddr or trsvcid")
         return
     if trtype in ("tcp", "rdma"):
         if adrfam not in ("ipv4", "ipv6"):

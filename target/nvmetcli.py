@@ -64,8 +64,9 @@ def import_config(config: dict[str, Any]) -> TargetState:
                 "buffered_io": _bool(n.get("buffered_io", 0)),
                 "resv_enable": None if resv is None else _bool(resv),
             })
-        for p in s.get("passthru", [])[:1]:
-            sub["passthru"] = {"device_path": p.get("device", {}).get("path"), "enable": _bool(p.get("enable", 1)),
+        for p in _passthru(s.get("passthru"))[:1]:
+            sub["passthru"] = {"device_path": (p.get("device") or {}).get("path", p.get("device_path")),
+                               "enable": _bool(p.get("enable", 1)),
                                "admin_timeout": _int(p.get("admin_timeout")), "io_timeout": _int(p.get("io_timeout")),
                                "clear_ids": None if p.get("clear_ids") is None else _bool(p["clear_ids"])}
         subsystems.append(sub)
@@ -93,14 +94,30 @@ def import_config(config: dict[str, Any]) -> TargetState:
     return parse_state({"discovery_nqn": discovery, "hosts": hosts, "subsystems": subsystems, "ports": ports})
 
 
+def _passthru(value: Any) -> list[dict[str, Any]]:
+    """A subsystem's passthru entries that name a device. nvmetcli saves `"passthru": [{"device": {"path":
+    "(null)"}, "enable": 0, ...}]` for every subsystem of a kernel built with passthru (6.12: what configfs shows
+    when no device is set), which means no passthru; a lone object instead of a list is taken as one entry."""
+    entries = [value] if isinstance(value, dict) else list(value or [])
+    return [p for p in entries if isinstance(p, dict)
+            and _none_if((p.get("device") or {}).get("path", p.get("device_path")), "(null)", "") is not None]
+
+
 def _s(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     return str(value)
 
 
-def export_config(state: TargetState) -> dict[str, Any]:
-    """The nvmetcli JSON for `state` (keys sorted the way nvmetcli's `json.dumps(sort_keys=True)` writes them)."""
+# what nvmetcli's save writes for a subsystem without passthru on a kernel built with it (6.12, seen in the rig)
+NO_PASSTHRU = {"admin_timeout": 0, "clear_ids": 0, "device": {"path": "(null)"}, "io_timeout": 0}
+
+
+def export_config(state: TargetState, passthru_placeholder: bool = False) -> dict[str, Any]:
+    """The nvmetcli JSON for `state` (keys sorted the way nvmetcli's `json.dumps(sort_keys=True)` writes them).
+
+    `passthru_placeholder`: the kernel has a passthru directory in every subsystem, so write what nvmetcli's save
+    writes there when none is set, and the export is the very file nvmetcli would save."""
     out: dict[str, Any] = {}
     if state.discovery_nqn is not None:
         out["discovery"] = {"nqn": state.discovery_nqn}
@@ -146,5 +163,7 @@ def export_config(state: TargetState) -> dict[str, Any]:
             sub["passthru"] = [{"admin_timeout": pt.admin_timeout or 0, "clear_ids": int(bool(pt.clear_ids)),
                                 "device": {"path": pt.device_path}, "enable": int(pt.enable),
                                 "io_timeout": pt.io_timeout or 0}]
+        elif passthru_placeholder:
+            sub["passthru"] = [dict(NO_PASSTHRU, device=dict(NO_PASSTHRU["device"]))]
         out["subsystems"].append(sub)
     return out

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class StateStore:
     def __init__(self, path: Path = DEFAULT_PATH) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._held = threading.local()  # how deep this thread is inside locked()
 
     # --- reading ---
     def load(self) -> dict[str, Any]:
@@ -62,12 +64,24 @@ class StateStore:
     # --- writing ---
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
+        """The exclusive lock; re-entrant in one thread (a command holding it for its whole run, such as
+        `nvmetctl --offline`, still makes transactions), exclusive between threads and processes."""
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._held.depth = depth
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held.depth = 1
             yield
         finally:
+            self._held.depth = 0
             os.close(fd)  # closing drops the flock
 
     @contextlib.contextmanager

@@ -7,10 +7,14 @@ the kernel would silently truncate is refused here, with the field named, before
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import ipaddress
+import logging
 import re
 import uuid
 import zlib
+from collections.abc import Iterator
 
 NQN_MAX_BYTES = 223
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
@@ -22,6 +26,29 @@ _FC_ADDR_RE = re.compile(r"nn-0x[0-9a-fA-F]{16}:pn-0x[0-9a-fA-F]{16}")
 _DHCHAP_RE = re.compile(r"DHHC-1:(0[0-3]):([A-Za-z0-9+/=]+):")
 _DHCHAP_LENGTHS = {0: (32, 48, 64), 1: (32,), 2: (48,), 3: (64,)}
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# what the kernel takes as a subsystem or host directory name that is not of the spec's form (nvmetcli's examples
+# use `testnqn` and `hostnqn`): printable ASCII, no space, no '/', no '..', not starting with '.' or '-'
+_KERNEL_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+=,-]*", re.ASCII)
+_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("validate_warnings", default=None)
+log = logging.getLogger("target.validate")
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """The warnings of the validation run inside (accepted values that a person should look at)."""
+    found: list[str] = []
+    token = _warnings.set(found)
+    try:
+        yield found
+    finally:
+        _warnings.reset(token)
+
+
+def _warn(message: str) -> None:
+    found = _warnings.get()
+    if found is not None and message not in found:
+        found.append(message)
+    log.info("%s", message)
 
 
 def nqn(value: str) -> str:
@@ -59,6 +86,21 @@ def _text(value: object, what: str) -> str:
         value.encode()
     except UnicodeEncodeError:
         raise ValueError(f"{value!r} is not valid text for {what} (lone UTF-16 surrogate)") from None
+    return value
+
+
+def kernel_nqn(value: str) -> str:
+    """A subsystem or host name in a declared tree: an NQN (see `nqn`), or a name the kernel takes that is not of
+    the spec's form (nvmetcli's examples use `testnqn` and `hostnqn`, and files in the field follow them): accepted
+    with a warning. A name that starts like an NQN must be one, and nvmetd's own VM NQNs are checked with `nqn`."""
+    try:
+        return nqn(value)
+    except ValueError:
+        if (value.startswith("nqn.") or not _KERNEL_NAME_RE.fullmatch(value) or ".." in value
+                or len(value) > NQN_MAX_BYTES):
+            raise
+    _warn(f"{value!r} is not an NQN of the spec's form (nqn.yyyy-mm.reverse.domain[:name]); accepted, as the "
+          "kernel accepts it, but hosts that check NQNs may refuse it")
     return value
 
 

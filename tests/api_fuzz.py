@@ -137,6 +137,8 @@ PATH_OPERATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/disks/{name}/resize", {"size": "4M"}),
     ("POST", "/v1/disks/{name}/snapshots", {"snapshot": "s1"}),
     ("POST", "/v1/disks/{name}/clones", {"snapshot": "s1", "name": "fresh"}),
+    ("GET", "/v1/pools/{name}", None),
+    ("DELETE", "/v1/pools/{name}", None),
     ("GET", "/v1/vms/{vm}", None),
     ("PUT", "/v1/vms/{vm}/disks/{disk}", {"transport": "tcp"}),
     ("DELETE", "/v1/vms/{vm}/disks/{disk}", None),
@@ -170,3 +172,22 @@ def refuses_invalid_name(client: httpx.Client, method: str, template: str, body:
             if not (isinstance(data, dict) and isinstance(data.get("error"), str)):
                 return f"{method} {path} -> {resp.status_code} without a one-line error: {text[:200]}"
     return None
+
+
+class Budget:
+    """Seconds of fuzzing per key (one fuzzed operation), counted from its first example: later examples of a
+    spent key return at once, so a slow machine runs fewer examples instead of a longer suite."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started: dict[Any, float] = {}
+        self.ran: dict[Any, int] = {}
+
+    def spent(self, key: Any) -> bool:
+        import time
+
+        start = self.started.setdefault(key, time.monotonic())
+        if time.monotonic() - start > self.seconds:
+            return True
+        self.ran[key] = self.ran.get(key, 0) + 1
+        return False

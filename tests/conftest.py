@@ -23,6 +23,13 @@ settings.load_profile("nvmetd")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """In the rig, name the running test in the file rig/vm.py reads when the VM times out."""
+    progress = os.environ.get("NVMETD_RIG_PROGRESS")
+    if progress:
+        Path(progress).write_text(nodeid + "\n")
+
+
 def _unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"kernel test cannot run under CI: {reason}")

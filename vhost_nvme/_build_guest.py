@@ -18,9 +18,9 @@ struct vg_queue {
 };
 struct vg_bench {
     struct vg_queue *q; uint32_t nsid; uint32_t lba_shift; uint64_t nblocks; uint32_t qd; uint32_t opc;
-    uint32_t bs; uint32_t pad; uint64_t *buf_gpa; uint64_t seed; double duration_s;
+    uint32_t bs; uint32_t flags; uint64_t *buf_gpa; uint64_t seed; double duration_s;
     uint64_t ios; uint64_t errors; uint64_t bad_cqes; double elapsed_s;
-    uint32_t *lat_ns; uint64_t lat_cap; uint64_t lat_n;
+    uint32_t *lat_ns; uint64_t lat_cap; uint64_t lat_n; uint64_t *prp2_gpa; uint64_t cursor;
 };
 int vg_sq_space(struct vg_queue *q);
 int vg_submit(struct vg_queue *q, const void *sqe, int ring);

@@ -59,3 +59,20 @@ def qemu_args(socket_path: str, memory: str | None = "512M", dev_id: str = "vn0"
     """
     args = shared_memory_args(memory) if memory else []
     return args + device_args(socket_path, dev_id, reconnect_ms, max_ioqpairs, subnqn)
+
+
+def kernel_device_args(subnqn: str, hostnqn: str, dev_id: str = "vn0", max_ioqpairs: int | None = None,
+                       bus: str | None = None, addr: str | None = None) -> list[str]:
+    """The device on the in-kernel back-end (``backend=kernel``): QEMU opens ``/dev/vhost-nvme`` itself and binds
+    it to ``subnqn`` as ``hostnqn``.  No chardev and no shared memory backend: the kernel's worker runs in QEMU's
+    own address space."""
+    dev_opts = f"vhost-user-nvme,id={_q(dev_id)},backend=kernel,subnqn={_q(subnqn)},hostnqn={_q(hostnqn)}"
+    if max_ioqpairs is not None:
+        if not 1 <= max_ioqpairs <= 63:
+            raise ValueError("max_ioqpairs must be 1..63")
+        dev_opts += f",max-ioqpairs={max_ioqpairs}"
+    if bus:
+        dev_opts += f",bus={_q(bus)}"
+    if addr:
+        dev_opts += f",addr={_q(addr)}"
+    return ["-device", dev_opts]

@@ -16,7 +16,8 @@ class FakeKernel:
         "subsystems": {"attr_allow_any_host": "0", "attr_serial": "abc", "attr_model": "Linux",
                        "attr_qid_max": "128"},
         "namespaces": {"device_path": "(null)", "enable": "0", "buffered_io": "0", "ana_grpid": "1",
-                       "device_uuid": "00000000-0000-0000-0000-000000000001"},
+                       "device_uuid": "00000000-0000-0000-0000-000000000001",
+                       "device_nguid": "00000000-0000-0000-0000-000000000000"},
         "ports": {"addr_trtype": "", "addr_adrfam": "", "addr_traddr": "", "addr_trsvcid": "",
                   "addr_treq": "not specified"},
     }

@@ -43,9 +43,17 @@ VALID: dict[type[BaseModel], st.SearchStrategy[dict[str, Any]]] = {
     api.LimitsRequest: st.fixed_dictionaries({}, optional={
         "riops": st.integers(0, 10_000_000), "wiops": st.integers(0, 10_000_000),
         "rmbps": st.integers(0, 1_000_000), "wmbps": st.integers(0, 1_000_000)}),
+    api.PoolCreate: st.fixed_dictionaries(
+        {"name": volume_names(32), "kind": st.sampled_from(["file", "lvm", "zfs", "nullblk"])},
+        optional={"devices": st.lists(st.text(string.ascii_letters + "/._-", min_size=1, max_size=30).map(
+                      lambda t: "/" + t), max_size=4),
+                  "fill_threshold": st.floats(0.5, 100), "capacity": sizes,
+                  "thin_pool_percent": st.integers(1, 95)}),
 }
-NAME_FIELDS = {api.DiskCreate: ["name", "pool", "tenant"], api.Snapshot: ["snapshot"], api.Clone: ["snapshot", "name"]}
-ALL_MODELS = [api.DiskCreate, api.DiskResize, api.Snapshot, api.Clone, api.AttachRequest, api.LimitsRequest]
+NAME_FIELDS = {api.DiskCreate: ["name", "pool", "tenant"], api.Snapshot: ["snapshot"], api.Clone: ["snapshot", "name"],
+               api.PoolCreate: ["name"]}
+ALL_MODELS = [api.DiskCreate, api.DiskResize, api.Snapshot, api.Clone, api.AttachRequest, api.PoolCreate,
+              api.LimitsRequest]
 
 
 def test_every_request_model_is_covered() -> None:

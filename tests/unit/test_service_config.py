@@ -13,6 +13,7 @@ from nvmetd.service import load_config
     ('[vhost]\nauto = "yes"\n', "vhost.auto"),
     ("[vhost]\nbogus = 1\n", "vhost.bogus"),
     ("[vhost]\npoll_us = 0\n", "vhost.poll_us"),
+    ('[vhost]\nbackend = "kernal"\n', "vhost.backend"),
     ('vhost = "on"\n', "[vhost] must be a table"),
 ])
 def test_bad_vhost_table_is_refused(tmp_path: Path, text: str, error: str) -> None:
@@ -23,4 +24,4 @@ def test_bad_vhost_table_is_refused(tmp_path: Path, text: str, error: str) -> No
 
 def test_example_config_in_packaging_loads() -> None:
     config = load_config(Path(__file__).resolve().parents[2] / "packaging" / "nvmetd.toml")
-    assert config["vhost"] == {"auto": False} and config["ports"]["tcp_port"] == "4420"
+    assert config["vhost"] == {"auto": False, "backend": "auto"} and config["ports"]["tcp_port"] == "4420"

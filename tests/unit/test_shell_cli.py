@@ -22,8 +22,9 @@ def fake(tmp_path: Path) -> FakeFS:
 
 def test_shell_lists_the_live_tree_and_diffs(fake: FakeFS, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     apply_state(state(), fake, readiness=AllReady())
-    shell.run(fake, lambda: TargetState(), ["ls", "cd /subsystems/nqn.2026-11.io.nvmetd:disk/namespaces/1", "info",
-                                            "cd /", "diff"], preferences_dir=str(tmp_path / "prefs"))
+    shell.run(shell.Local(fake, lambda: TargetState()),
+              ["ls", "cd /subsystems/nqn.2026-11.io.nvmetd:disk/namespaces/1", "info", "cd /", "diff"],
+              preferences_dir=str(tmp_path / "prefs"))
     out = capsys.readouterr().out
     assert "nqn.2026-11.io.nvmetd:disk" in out and "device_path: /dev/a" in out
     assert "rmdir subsystems/nqn.2026-11.io.nvmetd:disk" in out  # desired is empty: everything would go
@@ -33,7 +34,7 @@ def test_cli_bad_state_is_one_line_exit_2(fake: FakeFS, tmp_path: Path, capsys: 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"subsystems": [{"nqn": "nqn.2026-11.io.nvmetd:x", "namespaces": [
         {"nsid": 1, "device_path": "../../etc/shadow"}]}]}))
-    code = main(["--state", str(tmp_path / "s.json"), "--configfs", str(fake.root), "apply", str(bad)])
+    code = main(["--offline", "--state", str(tmp_path / "s.json"), "--configfs", str(fake.root), "apply", str(bad)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "subsystems.0.namespaces.0.device_path" in err
@@ -42,7 +43,7 @@ def test_cli_bad_state_is_one_line_exit_2(fake: FakeFS, tmp_path: Path, capsys: 
 def test_cli_apply_then_diff_is_clean(fake: FakeFS, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "s.json"
     src.write_text(json.dumps({"subsystems": [{"nqn": "nqn.2026-11.io.nvmetd:x", "allow_any_host": True}]}))
-    common = ["--state", str(tmp_path / "state.json"), "--configfs", str(fake.root)]
+    common = ["--offline", "--state", str(tmp_path / "state.json"), "--configfs", str(fake.root)]
     # the fake tree cannot create attribute files on a plain mkdir, so the object is made the fake way first
     apply_state(parse_state(json.loads(src.read_text())), fake, readiness=AllReady())
     assert main([*common, "apply", str(src)]) == 0
@@ -58,7 +59,8 @@ def test_cli_apply_then_diff_is_clean(fake: FakeFS, tmp_path: Path, capsys: pyte
 def test_cli_refuses_reserved_vm_names(fake: FakeFS, tmp_path: Path) -> None:
     src = tmp_path / "s.json"
     src.write_text(json.dumps({"subsystems": [{"nqn": "nqn.2026-11.io.nvmetd:vm:1234", "allow_any_host": True}]}))
-    assert main(["--state", str(tmp_path / "st.json"), "--configfs", str(fake.root), "apply", str(src)]) == 2
+    assert main(["--offline", "--state", str(tmp_path / "st.json"), "--configfs", str(fake.root), "apply",
+                 str(src)]) == 2
 
 
 def test_status_with_vms_on_an_unknown_pools_root_is_one_line(tmp_path, capsys) -> None:
@@ -74,7 +76,7 @@ def test_status_with_vms_on_an_unknown_pools_root_is_one_line(tmp_path, capsys) 
     state.write_text(_json.dumps({"format": 1, "generation": 1, "target": {}, "vms": {"vm0": vm.model_dump()},
                                   "disks": {"d0": {"pool": "files", "state": "ready"}}}))
     (tmp_path / "nvmet").mkdir()
-    code = main(["--state", str(state), "--configfs", str(tmp_path / "nvmet"), "--pools-root",
+    code = main(["--offline", "--state", str(state), "--configfs", str(tmp_path / "nvmet"), "--pools-root",
                  str(tmp_path / "pools"), "status"])
     err = capsys.readouterr().err
     assert code == 2 and "no pool named 'files'" in err and "Traceback" not in err and err.count("\n") == 1

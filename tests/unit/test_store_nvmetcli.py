@@ -86,3 +86,25 @@ def test_corrupt_state_file_is_refused_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not valid JSON"):
         StateStore(path).load()
     assert path.read_text() == "{not json"
+
+
+def test_nvmetcli_saves_and_examples_parse_passthru_null_is_none() -> None:
+    """nvmetcli's save on 6.12 writes a "(null)" passthru for every subsystem: no passthru. Its examples' names
+    (testnqn, hostnqn) are taken, with a warning each; a name that starts like an NQN stays strict."""
+    from target import validate
+
+    fixtures = Path(__file__).parent.parent / "fixtures/nvmetcli"
+    files = sorted(fixtures.glob("save-6.12-*.json")) + sorted((fixtures / "examples").glob("*.json"))
+    assert len(files) == 7
+    for path in files:
+        config = json.loads(path.read_text())
+        with validate.collect_warnings() as warnings:
+            state = import_config(config)
+        assert all(s.passthru is None for s in state.subsystems)
+        assert {w.split("'")[1] for w in warnings} == {s.nqn for s in state.subsystems} | {h.nqn for h in state.hosts}
+        if path.name.startswith("save-"):
+            assert export_config(state, passthru_placeholder=True) == config
+    with pytest.raises(ValueError, match="not an NQN"):
+        validate.kernel_nqn("nqn.testnqn")  # starts like an NQN: must be one
+    with pytest.raises(ValueError, match="not an NQN"):
+        validate.nqn("testnqn")  # nvmetd's own NQNs (the VMs') are checked strictly

@@ -44,7 +44,7 @@ def test_a_tls_vm_is_exported_on_the_tls_port_only() -> None:
     sec.attachments["d1"] = Attachment(nsid=1, transport="tcp", tls=True)
     plain.attachments["d2"] = Attachment(nsid=1, transport="tcp")
     state = compose(TargetState(), {"sec": sec, "plain": plain}, {"d1": "/dev/a", "d2": "/dev/b"}, Ports())
-    tls_port, tcp_port = state.port(4423), state.port(4420)
+    tls_port, tcp_port = state.port(4425), state.port(4420)
     assert tls_port.treq == "required" and tls_port.tsas == "tls1.3" and tls_port.trsvcid == "4430"
     assert tls_port.subsystems == [sec.subnqn] and tcp_port.subsystems == [plain.subnqn]
     assert tcp_port.treq is None and tcp_port.tsas is None

@@ -111,14 +111,25 @@ static void fill_cmd(struct vg_bench *b, uint32_t *cmd, uint16_t cid)
 {
 	uint32_t nlb = b->bs >> b->lba_shift;
 	uint64_t slots = b->nblocks / nlb;
-	uint64_t slba = (xorshift(&b->seed) % slots) * nlb;
+	uint64_t slba;
 	uint64_t prp = b->buf_gpa[cid];
+
+	if (b->flags & VG_SEQUENTIAL) {
+		slba = b->cursor;
+		b->cursor = (b->cursor + nlb) % (slots * nlb);
+	} else {
+		slba = (xorshift(&b->seed) % slots) * nlb;
+	}
 
 	memset(cmd, 0, 64);
 	cmd[0] = b->opc | ((uint32_t)cid << 16);
 	cmd[1] = b->nsid;
 	cmd[6] = (uint32_t)prp;
 	cmd[7] = (uint32_t)(prp >> 32);
+	if (b->prp2_gpa) {
+		cmd[8] = (uint32_t)b->prp2_gpa[cid];
+		cmd[9] = (uint32_t)(b->prp2_gpa[cid] >> 32);
+	}
 	cmd[10] = (uint32_t)slba;
 	cmd[11] = (uint32_t)(slba >> 32);
 	cmd[12] = nlb - 1;

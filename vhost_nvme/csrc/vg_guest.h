@@ -43,7 +43,7 @@ struct vg_bench {
 	uint32_t qd;
 	uint32_t opc;
 	uint32_t bs;
-	uint32_t pad;
+	uint32_t flags;		/* VG_SEQUENTIAL */
 	uint64_t *buf_gpa;
 	uint64_t seed;
 	double duration_s;
@@ -55,7 +55,11 @@ struct vg_bench {
 	uint32_t *lat_ns;
 	uint64_t lat_cap;
 	uint64_t lat_n;
+	uint64_t *prp2_gpa;	/* per cid: PRP2 (a page or a PRP list) for bs > 4 KiB; NULL: PRP1 only */
+	uint64_t cursor;	/* next LBA of a sequential run */
 };
+
+#define VG_SEQUENTIAL	1
 
 int vg_sq_space(struct vg_queue *q);
 int vg_submit(struct vg_queue *q, const void *sqe, int ring);

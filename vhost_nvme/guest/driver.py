@@ -78,13 +78,42 @@ def sqe(opc: int, cid: int = 0, nsid: int = 0, prp1: int = 0, prp2: int = 0, cdw
                        cdw10, cdw11, cdw12, cdw13, cdw14, cdw15)
 
 
-class GuestDriver:
-    def __init__(self, socket_path: str, layout: list[tuple[int, int]] | None = None,
-                 timeout: float = 5.0) -> None:
-        self.timeout = timeout
-        self.mem = GuestMemory(layout or DEFAULT_LAYOUT)
+class SocketChannel:
+    """The engine's back-end: PROTOCOL.md messages on a Unix socket."""
+
+    def __init__(self, socket_path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.connect(socket_path)
+
+    def call(self, req: int, payload: bytes = b"", fds: list[int] | None = None) -> bytes:
+        p.send_msg(self.sock, req, payload, fds)
+        msg = p.recv_msg(self.sock)
+        if not msg.is_reply or msg.request != req:
+            raise GuestDriverError(f"reply to {req:#x} came back as {msg.request:#x} flags {msg.flags:#x}")
+        result, data = p.parse_reply(msg)
+        if result < 0:
+            name = p.Req(req).name if req in p.Req.__members__.values() else hex(req)
+            raise OSError(-result, f"engine refused request {name}: {p.errno_name(result)}")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class GuestDriver:
+    """A test guest on either back-end: `socket_path` (the engine) or `channel` (e.g. the kernel's
+    KernelChannel), optionally bound to a subsystem as a host (`bind=(subsystem NQN, host NQN)`)."""
+
+    def __init__(self, socket_path: str | None = None, layout: list[tuple[int, int]] | None = None,
+                 timeout: float = 5.0, channel: SocketChannel | None = None,
+                 bind: tuple[str, str] | None = None) -> None:
+        self.timeout = timeout
+        self.mem = GuestMemory(layout or DEFAULT_LAYOUT)
+        if channel is None:
+            if socket_path is None:
+                raise ValueError("a GuestDriver needs a socket path or a channel")
+            channel = SocketChannel(socket_path)
+        self.channel = channel
         self.kick = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(64)]
         self.call: dict[int, int] = {}
         self.queues: dict[int, IoQueue] = {}
@@ -94,6 +123,8 @@ class GuestDriver:
          self.mdts, _) = p.INFO.unpack(info)
         self.call_engine(p.Req.SET_FEATURES, p.U64.pack(self.features))
         self.call_engine(p.Req.SET_OWNER)
+        if bind:
+            self.call_engine(p.Req.BIND, p.BIND.pack(bind[0].encode(), bind[1].encode()))
         self._send_mem_table()
         self.mirror_fd = os.memfd_create("vn-db-mirror", os.MFD_CLOEXEC)
         os.ftruncate(self.mirror_fd, PAGE_SIZE)
@@ -108,15 +139,7 @@ class GuestDriver:
 
     # ---- protocol --------------------------------------------------------------------------------
     def call_engine(self, req: int, payload: bytes = b"", fds: list[int] | None = None) -> bytes:
-        p.send_msg(self.sock, req, payload, fds)
-        msg = p.recv_msg(self.sock)
-        if not msg.is_reply or msg.request != req:
-            raise GuestDriverError(f"reply to {req:#x} came back as {msg.request:#x} flags {msg.flags:#x}")
-        result, data = p.parse_reply(msg)
-        if result < 0:
-            name = p.Req(req).name if req in p.Req.__members__.values() else hex(req)
-            raise OSError(-result, f"engine refused request {name}: {p.errno_name(result)}")
-        return data
+        return self.channel.call(req, payload, fds)
 
     def _send_mem_table(self) -> None:
         payload = p.MEM_TABLE_HEAD.pack(len(self.mem.regions), 0)
@@ -140,7 +163,7 @@ class GuestDriver:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        self.sock.close()
+        self.channel.close()
         for fd in [*self.kick, *self.call.values(), self.mirror_fd]:
             os.close(fd)
 
@@ -241,7 +264,9 @@ class GuestDriver:
                     raise GuestDriverError(f"no completion for CID {cid} on queue {qid}")
                 if q.ien:
                     fd = self.call[q.vector]
-                    if select.select([fd], [], [], min(left, 0.05))[0]:
+                    poller = select.poll()  # not select(): a host running many test guests has fds > 1024
+                    poller.register(fd, select.POLLIN)
+                    if poller.poll(min(left, 0.05) * 1000):
                         os.eventfd_read(fd)
                 else:
                     time.sleep(0.0001)
@@ -273,6 +298,13 @@ class GuestDriver:
         self.mem.write(buf, b"\xa5" * PAGE_SIZE)  # so "left untouched" is detectable
         cqe = self.admin(AdminOpc.IDENTIFY, nsid=nsid, prp1=buf, cdw10=cns)
         return cqe, self.mem.read(buf, PAGE_SIZE)
+
+    def lba_size(self, nsid: int) -> int:
+        """The namespace's LBA size in bytes (Identify Namespace: FLBAS selects an LBA format, LBADS its size)."""
+        cqe, data = self.identify(Cns.NAMESPACE, nsid=nsid)
+        if cqe.status:
+            raise GuestDriverError(f"Identify Namespace {nsid} failed with status {cqe.status:#x}")
+        return 1 << data[128 + 4 * (data[26] & 0xF) + 2]
 
     def get_log(self, lid: int, nbytes: int, nsid: int = 0xFFFFFFFF, offset: int = 0,
                 rae: bool = False) -> tuple[Cqe, bytes]:

@@ -1,0 +1,278 @@
+"""Distributed disks: volumes as thin RBD images in a replicated Ceph pool, mapped with the kernel RBD client (krbd)
+so nvmet exports a plain block device (`/dev/rbdN`), as for a zvol or an LV.
+
+Pool = a Ceph pool nvmetd creates (`ceph_pool`, default `nvmetd-<name>`) plus how to reach the cluster (`conf`,
+`keyring` 0600, `user`). Replication defaults to **size 3, min_size 1**: three copies on three failure domains
+(`failure_domain`: `host` in production, `osd` for a one-host test cluster), and I/O goes on while only one copy is
+up, so guests are not interrupted with two copies offline. What min_size 1 trades: while one copy is the only one,
+every acknowledged write exists once; losing that last OSD before recovery has re-copied it loses those writes
+(min_size 2 would block I/O at the second failure instead). Recovery starts as soon as the OSDs return.
+
+Images have layering (instant clones of protected snapshots), exclusive-lock, object-map, fast-diff and deep-flatten,
+all understood by krbd in 6.12. Attach maps the image; the exclusive-lock feature lets one client write at a time,
+and attach refuses an image another client (another host's nvmetd) has mapped: moving a VM's disk is detach there,
+attach here. The map uses automatic lock transitions, not `--exclusive`: librbd's own resize and snapshot need the
+lock for a moment, and a krbd holding it exclusively would refuse them, making live grow and snapshots impossible.
+
+Encryption: the shared LUKS2 layer (dm-crypt) on the mapped device, not RBD's own LUKS format, because that format is
+implemented only in librbd (rbd-nbd, QEMU's rbd driver): krbd cannot open it, so nvmet could not export it.
+Compression: BlueStore compresses the whole Ceph pool (`compression`: lz4, snappy, zlib, zstd; mode aggressive); a
+volume's compression is the pool's.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from backends import names
+from backends.base import Backend, Record
+from backends.ceph import Client, redundancy
+from backends.errors import BackendError, ToolError
+from backends.model import PoolStatus, VolumeInfo
+from backends.run import run
+
+FEATURES = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
+COMPRESSIONS = ("off", "lz4", "snappy", "zlib", "zstd")
+FAILURE_DOMAINS = ("osd", "host", "chassis", "rack", "row", "pdu", "pod", "room", "datacenter", "zone", "region")
+DEFAULT_SIZE, DEFAULT_MIN_SIZE = 3, 1
+
+
+def _pos_int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BackendError(f"{what} must be a whole number from {low} to {high}, not {value!r}")
+    return value
+
+
+class RbdBackend(Backend):
+    kind = "rbd"
+    compressions = COMPRESSIONS
+    supports_thick = False  # RBD images are always thin
+
+    # ------------------------------------------------------------------ the pool
+    @classmethod
+    def make_pool(cls, name: str, devices: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        """Check the cluster is reachable with our key, then create the Ceph pool and its CRUSH rule.
+
+        A failure after the Ceph pool exists removes it again: nothing half-made survives on either side."""
+        if devices:
+            raise BackendError("an rbd pool takes no devices: its OSDs are the Ceph cluster's (give conf, keyring)")
+        unknown = set(options) - {"conf", "keyring", "user", "ceph_pool", "size", "min_size", "failure_domain",
+                                  "compression", "pg_num"}
+        if unknown:
+            raise BackendError(f"rbd pool options {sorted(unknown)} are unknown")
+        if not options.get("conf") or not options.get("keyring"):
+            raise BackendError("an rbd pool needs conf (the cluster's ceph.conf) and keyring (0600)")
+        client = Client(str(options["conf"]), str(options["keyring"]), str(options.get("user", "admin")))
+        ceph_pool = names.name(str(options.get("ceph_pool") or f"nvmetd-{name}"), "ceph pool name")
+        size = _pos_int(options.get("size", DEFAULT_SIZE), "size (copies)", 1, 10)
+        min_size = _pos_int(options.get("min_size", DEFAULT_MIN_SIZE), "min_size", 1, size)
+        pg_num = _pos_int(options.get("pg_num", 32), "pg_num", 1, 32768)
+        domain = str(options.get("failure_domain", "host"))
+        if domain not in FAILURE_DOMAINS:
+            raise BackendError(f"failure_domain {domain!r} is not one of {', '.join(FAILURE_DOMAINS)}")
+        compression = str(options.get("compression", "off"))
+        if compression not in COMPRESSIONS:
+            raise BackendError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        client.check()
+        if ceph_pool in client.ceph_json("osd", "pool", "ls"):
+            raise BackendError(f"ceph pool {ceph_pool!r} exists already: nvmetd creates its pools itself "
+                               "(choose another ceph_pool)")
+        rule = f"nvmetd-{domain}"
+        client.ceph("osd", "crush", "rule", "create-replicated", rule, "default", domain)
+        client.ceph("osd", "pool", "create", ceph_pool, str(pg_num), str(pg_num), "replicated", rule)
+        try:
+            settings = [("size", str(size)), ("min_size", str(min_size)), ("pg_autoscale_mode", "off")]
+            if compression != "off":
+                settings += [("compression_mode", "aggressive"), ("compression_algorithm", compression)]
+            for key, value in settings:
+                client.ceph("osd", "pool", "set", ceph_pool, key, value)
+            client.ceph("osd", "pool", "application", "enable", ceph_pool, "rbd")
+        except BackendError:
+            client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
+            raise
+        return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "ceph_pool": ceph_pool,
+                "size": size, "min_size": min_size, "failure_domain": domain, "compression": compression}
+
+    @property
+    def client(self) -> Client:
+        return Client(self.config["conf"], self.config["keyring"], self.config["user"])
+
+    @property
+    def ceph_pool(self) -> str:
+        return self.config["ceph_pool"]
+
+    def remove_pool(self) -> None:
+        self.client.ceph("osd", "pool", "rm", self.ceph_pool, self.ceph_pool, "--yes-i-really-really-mean-it")
+
+    def _df(self) -> dict[str, Any]:
+        for pool in self.client.ceph_json("df", "detail")["pools"]:
+            if pool["name"] == self.ceph_pool:
+                return pool["stats"]
+        raise BackendError(f"ceph pool {self.ceph_pool!r} is gone from the cluster")
+
+    def pool_usage(self) -> tuple[int, int, float]:
+        stats = self._df()
+        stored, avail = int(stats["stored"]), int(stats["max_avail"])
+        return stored + avail, stored, 100.0 * float(stats["percent_used"])
+
+    def _pgs(self) -> list[dict[str, Any]]:
+        doc = self.client.ceph_json("pg", "ls-by-pool", self.ceph_pool)
+        return doc.get("pg_stats", []) if isinstance(doc, dict) else doc
+
+    def copies(self) -> int:
+        """Copies that exist right now of the least-replicated object: the smallest acting set over the pool's
+        placement groups (a disk's objects are spread over all of them)."""
+        pgs = self._pgs()
+        return min((len(pg["acting"]) for pg in pgs), default=0)
+
+    def status(self) -> PoolStatus:
+        st = super().status()
+        st.redundancy = redundancy([pg["state"] for pg in self._pgs()])
+        return st
+
+    def _info(self, vol: Record) -> VolumeInfo:
+        info = super()._info(vol)
+        info.copies, info.copies_wanted = self.copies(), int(self.config["size"])
+        return info
+
+    def _check_options(self, thin: bool, encrypted: bool, compression: str) -> None:
+        super()._check_options(thin, encrypted, compression)
+        if compression != self.config["compression"]:
+            raise BackendError(f"rbd pool {self.name!r} compresses with {self.config['compression']!r} (BlueStore "
+                               f"compresses the whole Ceph pool); a volume on it cannot have {compression!r}")
+
+    # ------------------------------------------------------------------ images
+    def _image(self, vol: Record | str) -> str:
+        return f"{self.ceph_pool}/{vol if isinstance(vol, str) else vol['name']}"
+
+    def _exists(self, vol: Record) -> bool:
+        return vol["name"] in (self.client.rbd_json("ls", "--pool", self.ceph_pool) or [])
+
+    def _make(self, vol: Record, backing_bytes: int) -> None:
+        if not self._exists(vol):
+            self.client.rbd("create", "--size", f"{backing_bytes // names.MIB}M", "--image-feature", FEATURES,
+                            self._image(vol))
+
+    def _destroy(self, vol: Record) -> None:
+        self._unmap(vol)
+        if self._exists(vol):
+            self.client.rbd("rm", "--no-progress", self._image(vol))
+
+    def _resize(self, vol: Record, backing_bytes: int) -> None:
+        self.client.rbd("resize", "--no-progress", "--allow-shrink", "--size", f"{backing_bytes // names.MIB}M",
+                        self._image(vol))
+        dev = self._mapped(vol)
+        if dev:
+            self._wait_size(dev, backing_bytes)
+
+    def _wait_size(self, dev: str, want: int, timeout: float = 60.0) -> None:
+        """krbd learns of the new size from the image header's watch notification, a moment later: wait for it,
+        so the nvmet namespace revalidated next reads the new size."""
+        sysfs = Path("/sys/block") / Path(dev).name / "size"
+        deadline = time.monotonic() + timeout
+        while int(sysfs.read_text()) * 512 != want:
+            if time.monotonic() > deadline:
+                raise BackendError(f"{dev} still has {int(sysfs.read_text()) * 512} bytes, not {want}, "
+                                   f"{timeout:.0f} s after the resize")
+            time.sleep(0.2)
+
+    def _snapshot(self, vol: Record, snap: str) -> None:
+        self.client.rbd("snap", "create", "--no-progress", f"{self._image(vol)}@{snap}")
+        # protected: a layered clone may be made from it (clone format 1, which every krbd maps)
+        self.client.rbd("snap", "protect", f"{self._image(vol)}@{snap}")
+
+    def _snaps(self, vol: Record) -> list[str]:
+        if not self._exists(vol):
+            return []
+        return [s["name"] for s in self.client.rbd_json("snap", "ls", self._image(vol)) or []]
+
+    def _destroy_snapshot(self, vol: Record, snap: str) -> None:
+        if snap not in self._snaps(vol):
+            return
+        spec = f"{self._image(vol)}@{snap}"
+        info = self.client.rbd_json("info", spec)
+        if info.get("protected") in ("true", True):
+            self.client.rbd("snap", "unprotect", spec)
+        self.client.rbd("snap", "rm", "--no-progress", spec)
+
+    def _clone(self, origin: Record, snap: str, vol: Record) -> None:
+        if not self._exists(vol):
+            self.client.rbd("clone", "--image-feature", FEATURES, f"{self._image(origin)}@{snap}",
+                            self._image(vol))
+
+    # ------------------------------------------------------------------ mapping (krbd)
+    def _mapped(self, vol: Record) -> str | None:
+        if not Path("/sys/bus/rbd").exists():
+            return None
+        for dev in self.client.rbd_json("device", "list") or []:
+            if dev["pool"] == self.ceph_pool and dev["name"] == vol["name"] and dev.get("snap", "-") == "-" \
+                    and not dev.get("namespace"):
+                return dev["device"]
+        return None
+
+    def _activate(self, vol: Record) -> None:
+        if self._mapped(vol):
+            return
+        watchers = self.client.rbd_json("status", self._image(vol)).get("watchers", [])
+        if watchers:
+            who = ", ".join(f"client.{w.get('client')} at {w.get('address')}" for w in watchers)
+            raise BackendError(f"rbd image {self._image(vol)} is open elsewhere ({who}): another host has it "
+                               "attached; detach it there first (the exclusive lock is handed over on attach)")
+        if not Path("/sys/bus/rbd").exists():
+            run(["modprobe", "rbd"])
+        self.client.rbd("device", "map", self._image(vol))
+        run(["udevadm", "settle", "--timeout", "10"], check=False)
+
+    def _raw_device(self, vol: Record) -> str:
+        dev = self._mapped(vol)
+        if dev is None:
+            self._activate(vol)  # LUKS format/erase at create/delete need the device for a moment
+            dev = self._mapped(vol)
+        if dev is None:
+            raise BackendError(f"rbd image {self._image(vol)} mapped but no /dev/rbd device appeared")
+        return dev
+
+    def _unmap(self, vol: Record) -> None:
+        dev = self._mapped(vol)
+        if dev:
+            self.client.rbd("device", "unmap", dev)
+
+    def create(self, name: str, size: int | str, tenant: str = "default", thin: bool = True,
+               encrypted: bool = False, compression: str | None = None, **options: Any) -> VolumeInfo:
+        """`compression` "off" (the API's default) means the pool's: BlueStore compresses the whole pool."""
+        if compression in (None, "off"):
+            compression = self.config["compression"]
+        info = super().create(name, size, tenant, thin, encrypted, compression, **options)
+        self._release_unattached(name)
+        return info
+
+    def clone(self, name: str, snap: str, new_name: str, tenant: str | None = None) -> VolumeInfo:
+        info = super().clone(name, snap, new_name, tenant)
+        self._release_unattached(new_name)
+        return info
+
+    def _release_unattached(self, name: str) -> None:
+        vol = self.ledger.load()["volumes"].get(name)
+        if vol and not vol["attached"]:
+            self._unmap(vol)
+
+    def detach(self, name: str) -> None:
+        super().detach(name)
+        with self.ledger.locked():
+            vol = self._get(self.ledger.load(), name)
+        try:
+            self._unmap(vol)
+        except ToolError as exc:
+            raise BackendError(f"{self._image(vol)} is still in use (an nvmet namespace?): {exc}") from None
+
+    def _usage(self, vol: Record) -> tuple[int, float]:
+        try:
+            du = self.client.rbd_json("du", self._image(vol))
+        except ToolError:
+            return 0, 1.0
+        used = sum(int(i.get("used_size", 0)) for i in du.get("images", []) if not i.get("snapshot"))
+        stats = self._df()
+        packed, raw = int(stats.get("compress_bytes_used", 0)), int(stats.get("compress_under_bytes", 0))
+        return used, (raw / packed) if packed else 1.0

@@ -1,0 +1,124 @@
+"""`python -m bench.rbd`: what exporting an RBD image through nvmet costs, and what a two-OSD outage costs,
+inside the rig (`python -m rig -- .venv/bin/python -m bench.rbd`).
+
+One test cluster (tests/kernel/ceph_cluster.py: 1 mon, 1 mgr, 3 BlueStore OSDs on loop devices), one rbd pool, one
+image mapped with krbd. Baseline: fio on the mapped `/dev/rbdN` itself; then the same image as an nvmet namespace
+through nvme-loop and nvme-tcp; then 4k random writes through nvme-tcp with two of the three OSDs stopped vs healthy.
+Every figure is printed with its ratio to the baseline measured in the same run. Under TCG the absolute figures are
+only context; the ratios are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from backends.pools import create_pool, destroy_pool
+from target.apply import apply_state
+from target.configfs import ConfigFS
+from target.model import TargetState, parse_state
+
+HOST = "nqn.2014-08.org.nvmexpress:uuid:0d3c2b1a-5e4f-4a6b-9c8d-7e6f5a4b3c2d"
+SUB = "nqn.2026-11.io.nvmetd:bench-rbd"
+JOBS = {"4k randwrite QD32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+        "128k seq write QD8": ["--rw=write", "--bs=128k", "--iodepth=8"]}
+
+
+def fio(device: str, args: list[str], runtime: int) -> dict[str, float]:
+    out = subprocess.run(["fio", "--name=bench", f"--filename={device}", "--direct=1", "--ioengine=libaio",
+                          "--time_based", f"--runtime={runtime}", "--ramp_time=2", "--output-format=json", *args],
+                         check=True, capture_output=True, text=True).stdout
+    write = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    return {"iops": round(write["iops"], 1), "MBps": round(write["bw_bytes"] / 1e6, 2),
+            "max_lat_ms": round(write["clat_ns"]["max"] / 1e6, 1)}
+
+
+def export(cfs: ConfigFS, device: str, transport: str) -> str:
+    from tests.kernel import hostside
+
+    port: dict[str, Any] = {"id": 1, "trtype": transport, "subsystems": [SUB]}
+    if transport == "tcp":
+        port.update(adrfam="ipv4", traddr="127.0.0.1", trsvcid="4420")
+    state = parse_state({"hosts": [{"nqn": HOST}], "ports": [port],
+                         "subsystems": [{"nqn": SUB, "allowed_hosts": [HOST],
+                                         "namespaces": [{"nsid": 1, "device_path": device}]}]})
+    assert apply_state(state, cfs).converged
+    hostside.connect(transport, SUB, HOST, *(["127.0.0.1", "4420"] if transport == "tcp" else []))
+    return str(hostside.namespace_device(SUB, 1, transport))
+
+
+def unexport(cfs: ConfigFS) -> None:
+    from tests.kernel import hostside
+
+    hostside.disconnect(SUB)
+    assert apply_state(TargetState(), cfs).converged
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tests.kernel.backend_rig import Loops
+    from tests.kernel.ceph_cluster import OSDS, Cluster
+
+    parser = argparse.ArgumentParser(prog="python -m bench.rbd", description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
+    args = parser.parse_args(argv)
+    subprocess.run(["modprobe", "-a", "loop", "rbd", "nvmet", "nvmet-tcp", "nvme-loop", "nvme-tcp"], check=False)
+    base = Path(tempfile.mkdtemp(prefix="bench-rbd-", dir="/run" if os.path.isdir("/run") else None))
+    loops = Loops(base)
+    cluster = Cluster(base, [loops.make(f"osd{i}", 1 << 30) for i in range(OSDS)])
+    cfs = ConfigFS()
+    rows: list[dict[str, Any]] = []
+    try:
+        cluster.start()
+        print(f"cluster up in {cluster.started_in:.0f} s", file=sys.stderr)
+        pool = create_pool("rbd", "bench", root=base / "pools", conf=str(cluster.conf),
+                           keyring=str(cluster.keyring), failure_domain="osd", pg_num=16)
+        cluster.wait_clean()
+        pool.create("b1", "128M")
+        raw = pool.attach("b1")
+        # allocate every object first: writes into a thin image's new objects cost more than rewrites
+        subprocess.run(["fio", "--name=fill", f"--filename={raw}", "--direct=1", "--ioengine=libaio", "--rw=write",
+                        "--bs=1M", "--iodepth=4", "--output-format=json"], check=True, capture_output=True)
+        for job, job_args in JOBS.items():
+            base_fig = fio(raw, job_args, args.runtime)
+            rows.append({"job": job, "path": "raw /dev/rbd", **base_fig, "ratio": 1.0})
+            for transport in ("loop", "tcp"):
+                dev = export(cfs, raw, transport)
+                fig = fio(dev, job_args, args.runtime)
+                unexport(cfs)
+                rows.append({"job": job, "path": f"nvmet {transport}", **fig,
+                             "ratio": round(fig["iops"] / base_fig["iops"], 3) if base_fig["iops"] else None})
+        dev = export(cfs, raw, "tcp")
+        healthy = fio(dev, JOBS["4k randwrite QD32"], args.runtime)
+        cluster.stop_osd(1)
+        cluster.stop_osd(2)
+        cluster.wait_osds_up(1, timeout=120)
+        outage = fio(dev, JOBS["4k randwrite QD32"], args.runtime)
+        rows.append({"job": "4k randwrite QD32", "path": "nvmet tcp, healthy", **healthy, "ratio": 1.0})
+        rows.append({"job": "4k randwrite QD32", "path": "nvmet tcp, 2 of 3 OSDs down", **outage,
+                     "ratio": round(outage["iops"] / healthy["iops"], 3) if healthy["iops"] else None})
+        unexport(cfs)
+        cluster.start_osd(1)
+        cluster.start_osd(2)
+        cluster.wait_osds_up(OSDS)
+        pool.detach("b1")
+        pool.delete("b1")
+        destroy_pool("bench", root=base / "pools", force=True)
+    finally:
+        cluster.stop()
+        loops.close()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    print(json.dumps(rows, indent=1))
+    for row in rows:
+        print(f"{row['job']:20} {row['path']:28} {row['iops']:>9.1f} IOPS {row['MBps']:>8.2f} MB/s "
+              f"max {row['max_lat_ms']:>8.1f} ms  x{row['ratio']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

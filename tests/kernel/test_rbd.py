@@ -1,0 +1,302 @@
+"""Distributed disks on a real Ceph cluster in the rig (1 mon, 1 mgr, 3 BlueStore OSDs, started once per session):
+I/O through nvme-tcp and nvme-loop goes on while two of three OSDs are down and verifies after recovery; snapshot,
+clone, live grow, delete-then-zeros, quotas, encryption at rest through nvmetd and nvmetctl; the keyring in no
+answer or log; an unusable cluster is one line and exit 3 with nothing half-made."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backends import Backend, create_pool, destroy_pool
+from backends.pools import list_pools
+from target.apply import apply_state
+from target.configfs import ConfigFS
+from target.model import parse_state
+from tests.conftest import wipe
+from tests.kernel import hostside
+from tests.kernel.backend_rig import MIB, Loops, contains, device_size, need, write_direct
+from tests.kernel.ceph_cluster import OSDS, Cluster
+from tests.kernel.service_fixture import Daemon
+
+pytestmark = [pytest.mark.kernel, pytest.mark.long]
+
+HOST = "nqn.2014-08.org.nvmexpress:uuid:6c1e2a3b-4d5e-4f60-8172-93a4b5c6d7e8"
+SUB_TCP, SUB_LOOP = "nqn.2026-11.io.nvmetd:rbd-tcp", "nqn.2026-11.io.nvmetd:rbd-loop"
+OSD_BYTES = 1 << 30
+
+
+@pytest.fixture(scope="session")
+def ceph(nvmet_kernel: ConfigFS) -> Iterator[Cluster]:
+    need("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "rbd", "fio")
+    subprocess.run(["modprobe", "-a", "loop", "rbd"], check=False, capture_output=True)
+    base = Path("/run/nvmetd-test" if os.environ.get("NVMETD_IN_RIG") else "/tmp") / f"ceph-{os.getpid()}"
+    base.mkdir(parents=True)
+    loops = Loops(base)
+    cluster = Cluster(base, [loops.make(f"osd{i}", OSD_BYTES) for i in range(OSDS)])
+    try:
+        cluster.start()
+        steps = ", ".join(f"{step} {t:.0f} s" for step, t in cluster.phases.items())
+        print(f"\nceph test cluster: 1 mon, 1 mgr, {OSDS} BlueStore OSDs up in {cluster.started_in:.1f} s ({steps})")
+        yield cluster
+    finally:
+        wipe()
+        subprocess.run(["rbd", "device", "list"], check=False)  # shows what a failed test left mapped
+        for dev in sorted(Path("/dev").glob("rbd[0-9]*")):
+            subprocess.run(["rbd", "device", "unmap", "-o", "force", str(dev)], check=False, capture_output=True)
+        cluster.stop()
+        loops.close()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.fixture(scope="module")
+def pool_root(ceph: Cluster) -> Path:
+    return ceph.base / "pools"
+
+
+@pytest.fixture(scope="module")
+def pool(ceph: Cluster, pool_root: Path) -> Iterator[Backend]:
+    t0 = time.monotonic()
+    backend = create_pool("rbd", "ceph", root=pool_root, conf=str(ceph.conf), keyring=str(ceph.keyring),
+                          failure_domain="osd", pg_num=16, compression="lz4")
+    ceph.wait_clean()
+    print(f"\nrbd pool (size 3, min_size 1, 16 PGs) active+clean in {time.monotonic() - t0:.1f} s")
+    yield backend
+    wipe()
+    destroy_pool("ceph", root=pool_root, force=True)
+
+
+def fio(device: Path, name: str, *extra: str) -> subprocess.Popen[str]:
+    """crc32c-verified random writes: every block written carries its own checksum and offset header."""
+    return subprocess.Popen(
+        ["nice", "-n", "5", "fio", f"--name={name}", f"--filename={device}", "--direct=1", "--ioengine=libaio",
+         "--iodepth=4", "--rw=randwrite", "--bs=16k", "--size=24M", "--verify=crc32c", "--verify_fatal=1",
+         "--randrepeat=1", "--output-format=json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def fio_result(proc: subprocess.Popen[str], timeout: float = 900) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"fio failed (exit {proc.returncode}): {err.strip()[-800:]}"
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert job["error"] == 0, job
+    return job
+
+
+def test_io_continues_with_two_of_three_osds_down(ceph: Cluster, pool: Backend, cfs: ConfigFS) -> None:
+    devs = {sub: pool.attach(pool.create(name, "64M").name) for sub, name in ((SUB_TCP, "out-tcp"),
+                                                                            (SUB_LOOP, "out-loop"))}
+    state = parse_state({
+        "hosts": [{"nqn": HOST}],
+        "subsystems": [{"nqn": sub, "allowed_hosts": [HOST], "namespaces": [{"nsid": 1, "device_path": dev}]}
+                       for sub, dev in devs.items()],
+        "ports": [{"id": 1, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "4420",
+                   "subsystems": [SUB_TCP]},
+                  {"id": 2, "trtype": "loop", "subsystems": [SUB_LOOP]}],
+    })
+    assert apply_state(state, cfs).converged
+    hostside.connect("tcp", SUB_TCP, HOST, "127.0.0.1", "4420")
+    hostside.connect("loop", SUB_LOOP, HOST)
+    nvme = {"tcp": hostside.namespace_device(SUB_TCP, 1, "tcp"), "loop": hostside.namespace_device(SUB_LOOP, 1, "loop")}
+    # ~24 MiB each at 512 KiB/s: the writes span the whole outage
+    jobs = {t: fio(dev, f"outage-{t}", "--rate=512k") for t, dev in nvme.items()}
+    time.sleep(6)
+    assert all(job.poll() is None for job in jobs.values()), "fio ended before the outage began"
+    t_down = time.monotonic()
+    ceph.stop_osd(1)
+    ceph.stop_osd(2)
+    ceph.wait_osds_up(1, timeout=120)
+    deadline = time.monotonic() + 120  # the manager's PG statistics follow the OSD map a moment later
+    while True:
+        during, redundancy = pool.info("out-tcp"), pool.status().redundancy
+        if (during.copies == 1 and redundancy in ("degraded", "recovering")) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    print(f"\ntwo OSDs down after {time.monotonic() - t_down:.1f} s: disk copies {during.copies}/"
+          f"{during.copies_wanted}, pool {redundancy}")
+    assert (during.copies, during.copies_wanted) == (1, 3)
+    assert redundancy in ("degraded", "recovering")
+    time.sleep(10)
+    running = sorted(t for t, job in jobs.items() if job.poll() is None)
+    print(f"OSDs return {time.monotonic() - t_down:.0f} s after the stop; fio still writing on {running or 'none'}")
+    ceph.start_osd(1)
+    ceph.start_osd(2)
+    results = {t: fio_result(job) for t, job in jobs.items()}
+    for t, job in results.items():
+        stall = job["write"]["clat_ns"]["max"] / 1e6
+        print(f"fio {t}: {job['write']['io_bytes'] >> 20} MiB written and verified, 0 errors, longest write "
+              f"{stall:.0f} ms (the stall while the two OSDs went down)")
+    ceph.wait_osds_up(OSDS)
+    took = ceph.wait_clean()
+    print(f"all PGs active+clean {took:.1f} s after the OSDs were back and fio done")
+    after = pool.info("out-tcp")
+    assert (after.copies, pool.status().redundancy) == (3, "clean")
+    for t, dev in nvme.items():  # everything written verifies after recovery too
+        fio_result(fio(dev, f"outage-{t}", "--verify_only"))
+    hostside.disconnect(SUB_TCP)
+    hostside.disconnect(SUB_LOOP)
+    wipe()
+    for name in ("out-tcp", "out-loop"):
+        pool.detach(name)
+        pool.delete(name)
+
+
+def _secret(keyring: Path) -> str:
+    match = re.search(r"key\s*=\s*(\S+)", keyring.read_text())
+    assert match
+    return match.group(1)
+
+
+def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs: ConfigFS,
+                              tmp_path: Path) -> None:
+    """nvmetctl on an rbd pool: create, show copies, attach over tcp, snapshot, clone, live grow, delete-then-zeros,
+    quota refused, an encrypted disk unreadable on the raw RBD device; the keyring secret in no answer or log."""
+    daemon = Daemon(tmp_path)
+    daemon.pools_root.parent.mkdir(parents=True, exist_ok=True)
+    daemon.pools_root.symlink_to(pool_root)
+    daemon.start()
+    answers: list[str] = []
+
+    def ctl(*args: str) -> dict:
+        proc = daemon.ctl("--json", *args)
+        answers.append(proc.stdout + proc.stderr)
+        return json.loads(proc.stdout)
+
+    try:
+        created = ctl("disk", "create", "vm1-root", "--pool", "ceph", "--size", "20G")
+        assert created["logical_bytes"] == 20 << 30 and created["thin"]
+        shown = ctl("disk", "show", "vm1-root")
+        assert (shown["copies"], shown["copies_wanted"]) == (3, 3)
+        att = ctl("attach", "vm1", "vm1-root", "--transport", "tcp")
+        key = Path(att["dhchap_key_file"]).read_text()
+        hostside.connect("tcp", att["subsystem_nqn"], att["host_nqn"], "127.0.0.1", "4420", dhchap_secret=key)
+        dev = hostside.namespace_device(att["subsystem_nqn"], att["nsid"], "tcp")
+        first, second = os.urandom(MIB), os.urandom(MIB)
+        write_direct(dev, first)
+        ctl("disk", "snapshot", "vm1-root", "s1")  # while attached and written to: krbd hands the lock over
+        write_direct(dev, second)
+        ctl("disk", "clone", "vm1-root", "s1", "vm1-clone")
+        clone = ctl("attach", "vm1", "vm1-clone", "--transport", "tcp")
+        clone_dev = hostside.namespace_device(att["subsystem_nqn"], clone["nsid"], "tcp")
+        assert hostside.direct_read(clone_dev, MIB) == first
+        assert hostside.direct_read(dev, MIB) == second
+        # live grow: the connected host sees the new size
+        ctl("disk", "resize", "vm1-root", "--size", "21G")
+        deadline = time.monotonic() + 60
+        while device_size(dev) != 21 << 30 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert device_size(dev) == 21 << 30
+        assert hostside.direct_read(dev, MIB) == second
+        # delete-then-zeros: a new disk of the same name reads zeros where the old one had data
+        ctl("detach", "vm1", "vm1-clone")
+        ctl("disk", "delete", "vm1-clone")
+        ctl("disk", "create", "vm1-clone", "--pool", "ceph", "--size", "1G")
+        again = ctl("attach", "vm1", "vm1-clone", "--transport", "tcp")
+        again_dev = hostside.namespace_device(att["subsystem_nqn"], again["nsid"], "tcp")
+        assert hostside.direct_read(again_dev, MIB) == bytes(MIB)
+        # quotas: refused past the limit with a clear error, nothing made
+        pool.set_quota("acme", max_bytes="2G")
+        refused = daemon.ctl("disk", "create", "big", "--pool", "ceph", "--size", "3G", "--tenant", "acme",
+                             check=False)
+        answers.append(refused.stdout + refused.stderr)
+        assert refused.returncode == 2 and "quota of 2.0 GiB" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert "big" not in pool.client.rbd_json("ls", "--pool", pool.ceph_pool)
+        # encryption: LUKS2 on the mapped device, plaintext never on the RBD image
+        ctl("disk", "create", "vm1-secret", "--pool", "ceph", "--size", "64M", "--encrypted")
+        sec = ctl("attach", "vm1", "vm1-secret", "--transport", "tcp")
+        sec_dev = hostside.namespace_device(att["subsystem_nqn"], sec["nsid"], "tcp")
+        needle = b"nvmetd-rbd-plaintext-needle-" + os.urandom(8).hex().encode()
+        write_direct(sec_dev, needle.ljust(4096, b"\0"))
+        assert hostside.direct_read(sec_dev, 4096).startswith(needle)
+        raw = pool._raw_device(pool.ledger.load()["volumes"]["vm1-secret"])
+        assert not contains(raw, needle)
+        answers += [daemon.ctl("--json", "status").stdout, daemon.ctl("--json", "diff", check=False).stdout,
+                    daemon.request("GET", "/v1/disks").text, daemon.request("GET", "/v1/status").text]
+    finally:
+        if "att" in locals():
+            hostside.disconnect(att["subsystem_nqn"])
+        for disk in ("vm1-secret", "vm1-clone", "vm1-root"):
+            daemon.ctl("detach", "vm1", disk, check=False)
+        daemon.stop()
+    secret = _secret(ceph.keyring)
+    texts = {"answers": "\n".join(answers), "log": daemon.log_text(), "state": daemon.state.read_text(),
+             "ledger": (pool_root / "ceph" / "ledger.json").read_text()}
+    for where, text in texts.items():
+        assert secret not in text, f"the ceph key appears in the {where}"
+    pool.delete_snapshot("vm1-root", "s1")
+    for disk in ("vm1-secret", "vm1-clone", "vm1-root"):
+        pool.delete(disk)
+
+
+def test_unusable_cluster_is_exit_3_and_nothing_made(ceph: Cluster, pool_root: Path, tmp_path: Path) -> None:
+    """A bad config, a missing keyring, an unreachable monitor: one line naming the cause, exit 3, no pool left."""
+    unreachable = tmp_path / "unreachable.conf"
+    unreachable.write_text("[global]\nmon_host = v1:127.0.0.1:1\n")
+    garbage = tmp_path / "garbage.conf"
+    garbage.write_text("[global]\nthis is not a ceph config\n")
+    cases = {
+        "names no monitor": ["--conf", str(garbage), "--keyring", str(ceph.keyring)],
+        "does not exist (client.admin's keyring)": ["--conf", str(ceph.conf), "--keyring", str(tmp_path / "nokey")],
+        "monitor unreachable (v1:127.0.0.1:1)": ["--conf", str(unreachable), "--keyring", str(ceph.keyring)],
+    }
+    for cause, args in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "backends", "--root", str(pool_root), "pool-create", "rbd",
+                               "bad", *args, "--failure-domain", "osd"], capture_output=True, text=True)
+        assert proc.returncode == 3, (cause, proc.returncode, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and cause in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "bad" not in list_pools(pool_root) and not (pool_root / "bad").exists()
+    assert "nvmetd-bad" not in ceph.ceph_json("osd", "pool", "ls")
+
+
+def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Cluster, pool: Backend) -> None:
+    """Corrupt one replica of one of a disk's objects on its (stopped) OSD with ceph-objectstore-tool; deep scrub
+    flags it, repair rewrites it, and that very replica, served alone with the other two OSDs stopped, verifies."""
+    need("ceph-objectstore-tool", "rados")
+    pool.create("scrub", "16M")
+    data = os.urandom(4 * MIB)  # exactly RBD object 0 (4 MiB objects)
+    write_direct(pool.attach("scrub"), data)
+    pool.detach("scrub")
+    obj = pool.client.rbd_json("info", f"{pool.ceph_pool}/scrub")["block_name_prefix"] + ".0000000000000000"
+    placed = ceph.ceph_json("osd", "map", pool.ceph_pool, obj)
+    pgid, victim = placed["pgid"], placed["acting"][-1]  # a replica, not the primary
+    others = [osd for osd in placed["acting"] if osd != victim]
+    ceph.stop_osd(victim)
+    garbage = ceph.base / "garbage"
+    garbage.write_bytes(os.urandom(4 * MIB))
+    subprocess.run(["ceph-objectstore-tool", "--no-mon-config", "--data-path", str(ceph.osd_data(victim)),
+                    "--pgid", pgid, obj, "set-bytes", str(garbage)], check=True, capture_output=True, timeout=300)
+    ceph.start_osd(victim)
+    ceph.wait_osds_up(OSDS)
+    ceph.wait_clean()
+    t0 = time.monotonic()
+    ceph.ceph("pg", "deep-scrub", pgid)
+    ceph.wait_pg(pgid, lambda state: "inconsistent" in state, "deep scrub to flag the replica")
+    found = json.loads(subprocess.run(["rados", "-c", str(ceph.conf), "list-inconsistent-obj", pgid,
+                                       "--format=json"], check=True, capture_output=True, text=True).stdout)
+    names = [item["object"]["name"] for item in found["inconsistents"]]
+    assert names == [obj], found
+    print(f"\ndeep scrub flagged {obj} on osd.{victim} in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    ceph.ceph("pg", "repair", pgid)
+    ceph.wait_pg(pgid, lambda state: state == "active+clean", "repair")
+    print(f"repair done in {time.monotonic() - t0:.1f} s")
+    for osd in others:  # only the repaired replica left to serve the read
+        ceph.stop_osd(osd)
+    ceph.wait_osds_up(1, timeout=120)
+    assert hostside.direct_read(pool.attach("scrub"), 4 * MIB) == data
+    pool.detach("scrub")
+    for osd in others:
+        ceph.start_osd(osd)
+    ceph.wait_osds_up(OSDS)
+    ceph.wait_clean()
+    pool.delete("scrub")
