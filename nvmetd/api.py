@@ -141,6 +141,10 @@ class LimitsRequest(_Request):
     wiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="write IOPS")
     rmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="read MB/s (10^6 bytes)")
     wmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="write MB/s (10^6 bytes)")
+    rwiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True,
+                               description="reads + writes IOPS (disks the vhost engine serves)")
+    rwmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True,
+                               description="reads + writes MB/s (disks the vhost engine serves)")
 
 
 class PoolCreate(_Request):

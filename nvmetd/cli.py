@@ -483,6 +483,8 @@ def disk_show(obj: Context, name: str) -> None:
 @click.option("--wiops", type=click.IntRange(min=0), help="write IOPS (0 removes the limit)")
 @click.option("--rmbps", type=click.IntRange(min=0), help="read MB/s, 10^6 bytes (0 removes the limit)")
 @click.option("--wmbps", type=click.IntRange(min=0), help="write MB/s, 10^6 bytes (0 removes the limit)")
+@click.option("--rwiops", type=click.IntRange(min=0), help="reads + writes IOPS: disks the vhost engine serves")
+@click.option("--rwmbps", type=click.IntRange(min=0), help="reads + writes MB/s: disks the vhost engine serves")
 @click.pass_obj
 def disk_limits(obj: Context, name: str, **limits: int | None) -> None:
     """Set I/O limits of disk NAME, enforced at once on the running disk (options not given are kept)."""

@@ -119,20 +119,23 @@ class Manager:
         """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
         devices: dict[str, str] = {}
         for vm in self._vms(doc).values():
-            for disk in vm.attachments:
+            for disk, att in vm.attachments.items():
                 if disk not in devices:
-                    devices[disk] = self._activate(doc, disk)
+                    devices[disk] = self._activate(doc, disk, att)
         for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
             if disk not in devices:
                 devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
         self._device_paths = dict(devices)
         return devices
 
-    def _activate(self, doc: dict[str, Any], disk: str) -> str:
-        """The volume, activated; a disk that has limits is served through its own throttled device
-        (nvmetd/throttle.py) on every path, so the limit holds whoever submits the I/O."""
+    def _activate(self, doc: dict[str, Any], disk: str, att: Attachment) -> str:
+        """The volume, activated. A disk the kernel target serves (loop, tcp, rdma, kernel vhost) and that has
+        limits is served through its own throttled device (nvmetd/throttle.py): nvmet's bios are limited there,
+        whoever submits them. The engine limits in its own token bucket instead (engine_specs)."""
         device = self._pool(self._disk_pool(doc, disk)).attach(disk)
-        if "limits" in doc["disks"][disk]:
+        limits = throttle.Limits.model_validate(doc["disks"][disk].get("limits", {}))
+        # once made, the device stays while the disk is attached: removing the last limit changes no device path
+        if att.in_kernel and (limits.per_direction() or throttle.exists(disk)):
             device = throttle.device_for(disk, device)
         return device
 
@@ -141,11 +144,21 @@ class Manager:
             if device.startswith(f"/dev/mapper/{throttle.DM_PREFIX}"):
                 throttle.apply(device, throttle.Limits.model_validate(doc["disks"][disk]["limits"]))
 
-    def _device(self, doc: dict[str, Any], disk: str) -> str:
+    def _device(self, doc: dict[str, Any], disk: str, att: Attachment) -> str:
         """One disk's device: activated once, then known (a pool's ledger is not re-read per change)."""
         if disk not in self._device_paths:
-            self._device_paths[disk] = self._activate(doc, disk)
+            self._device_paths[disk] = self._activate(doc, disk, att)
         return self._device_paths[disk]
+
+    @staticmethod
+    def _check_limits_path(disk: str, limits: throttle.Limits, att: Attachment) -> None:
+        """Each path enforces one kind of limit exactly: refuse the other kind rather than ignore it."""
+        if att.in_kernel and limits.combined():
+            raise Unsupported(f"{limits.combined()[0]}: disk {disk!r} is served by the kernel target, whose "
+                              "blk-throttle limits reads and writes separately: use riops/wiops/rmbps/wmbps")
+        if not att.in_kernel and limits.per_direction():
+            raise Unsupported(f"{limits.per_direction()[0]}: disk {disk!r} is served by the vhost engine, whose "
+                              "token bucket counts reads and writes together: use rwiops/rwmbps")
 
     def _load_modules(self, state: TargetState) -> None:
         wanted = {p.trtype for p in state.ports} | {"nvmet"}
@@ -165,10 +178,13 @@ class Manager:
     def engine_specs(self, doc: dict[str, Any], devices: dict[str, str]) -> list[EngineSpec]:
         specs = []
         for vm in sorted(self._vms(doc).values(), key=lambda v: v.name):
-            namespaces = {a.nsid: (disk, devices[disk]) for disk, a in vm.attachments.items()
-                          if a.transport == "vhost" and a.backend == "engine"}
+            served = {disk: a for disk, a in vm.attachments.items()
+                      if a.transport == "vhost" and a.backend == "engine"}
+            namespaces = {a.nsid: (disk, devices[disk]) for disk, a in served.items()}
+            limits = {a.nsid: throttle.Limits.model_validate(doc["disks"][disk]["limits"]).engine()
+                      for disk, a in served.items() if doc["disks"][disk].get("limits")}
             if namespaces:
-                specs.append(EngineSpec(vm, namespaces))
+                specs.append(EngineSpec(vm, namespaces, limits))
         return specs + opi_state.engine_specs(doc, devices)
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
@@ -210,7 +226,7 @@ class Manager:
         if vm is None or "kernel" in (vm.vhost_backend(), before.vhost_backend() if before else None):
             return self.reconcile()  # the scope (vm_scope, target/scope.py) knows nvmetd's fabric ports only
         ports = self._ports(doc)
-        devices = {disk: self._device(doc, disk) for disk in vm.attachments}
+        devices = {disk: self._device(doc, disk, a) for disk, a in vm.attachments.items()}
         state = vm_scope.vm_state(vm, devices, ports, vm_scope.transports_in_use(doc))
         if not self.cfs.exists() and state == TargetState():
             result = ApplyResult()
@@ -222,7 +238,7 @@ class Manager:
             result = apply_state(state, self.cfs, live=live)
         self._apply_limits(doc, devices)
         if vm_scope.uses_vhost(before) or vm_scope.uses_vhost(vm):
-            vhost_devices = {disk: self._device(doc, disk) for other in self._vms(doc).values()
+            vhost_devices = {disk: self._device(doc, disk, a) for other in self._vms(doc).values()
                              for disk, a in other.attachments.items() if a.transport == "vhost"}
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, vhost_devices)))
         crash_point("reconcile.after_kernel")
@@ -306,13 +322,17 @@ class Manager:
         with self.lock:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, name)
-                try:
-                    throttle.check_available()
-                except SystemProblem as exc:
-                    raise Unsupported(str(exc)) from None
                 merged = {**doc["disks"][name].get("limits", {}),
                           **{k: v for k, v in changes.items() if v is not None}}
                 limits = throttle.Limits.model_validate({k: v for k, v in merged.items() if v})
+                for vm in self._vms(doc).values():
+                    if name in vm.attachments:
+                        self._check_limits_path(name, limits, vm.attachments[name])
+                if limits.per_direction():
+                    try:
+                        throttle.check_available()
+                    except SystemProblem as exc:
+                        raise Unsupported(str(exc)) from None
                 doc["disks"][name]["limits"] = limits.model_dump(exclude_none=True)
             self.reconcile()
             return self.disk_info(name)
@@ -474,6 +494,9 @@ class Manager:
                             raise Unsupported(str(exc)) from None
                     why = f"{why}; {backend} back-end: {bwhy}"
                 self._check_kernel_vhost_mix(vm, disk, chosen, backend)
+                if doc["disks"][disk].get("limits"):
+                    self._check_limits_path(disk, throttle.Limits.model_validate(doc["disks"][disk]["limits"]),
+                                            Attachment(nsid=1, transport=chosen, backend=backend))
                 if current is None:
                     nsid = vm.next_nsid()
                     if chosen == "vhost" and backend == "engine" and nsid > MAX_VHOST_NSID:

@@ -30,13 +30,30 @@ MAX_MBPS = 1_000_000  # 1 TB/s: anything above is a typo
 
 
 class Limits(BaseModel):
-    """Per-direction limits; None = unlimited. MB/s are 10^6 bytes per second."""
+    """None = unlimited. MB/s are 10^6 bytes per second.
+
+    riops/wiops/rmbps/wmbps limit one direction: blk-throttle's kind, for disks the kernel target serves.
+    rwiops/rwmbps limit reads and writes together: the vhost engine's token bucket (NS_SET_LIMITS), for disks the
+    engine serves. Each mechanism enforces its own kind exactly and cannot do the other's, so a disk's limits must
+    be of the kind its path enforces (Manager refuses the rest rather than pretending)."""
 
     model_config = ConfigDict(extra="forbid")
     riops: int | None = Field(default=None, ge=1, le=MAX_IOPS)
     wiops: int | None = Field(default=None, ge=1, le=MAX_IOPS)
     rmbps: int | None = Field(default=None, ge=1, le=MAX_MBPS)
     wmbps: int | None = Field(default=None, ge=1, le=MAX_MBPS)
+    rwiops: int | None = Field(default=None, ge=1, le=MAX_IOPS)
+    rwmbps: int | None = Field(default=None, ge=1, le=MAX_MBPS)
+
+    def per_direction(self) -> list[str]:
+        return [k for k in ("riops", "wiops", "rmbps", "wmbps") if getattr(self, k)]
+
+    def combined(self) -> list[str]:
+        return [k for k in ("rwiops", "rwmbps") if getattr(self, k)]
+
+    def engine(self) -> tuple[int, int]:
+        """(IOPS, bytes/s) for the engine's NS_SET_LIMITS; 0 = unlimited."""
+        return self.rwiops or 0, (self.rwmbps or 0) * 1_000_000
 
     def files(self) -> dict[str, int]:
         """blkio file -> value (0 = no limit)."""
@@ -86,6 +103,10 @@ def _block_device(backing: str) -> str:
         if len(parts) == 2 and parts[1].strip() == str(path.resolve()):
             return parts[0]
     return _run(["losetup", "--find", "--show", "--direct-io=on", str(path)])
+
+
+def exists(disk: str) -> bool:
+    return Path("/dev/mapper", dm_name(disk)).exists()
 
 
 def device_for(disk: str, backing: str) -> str:

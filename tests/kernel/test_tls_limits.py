@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from target.configfs import ConfigFS
 from tests.conftest import _unavailable, wipe
 from tests.kernel import hostside
 from tests.kernel.service_fixture import Daemon
+from tests.kernel.test_vhost_kernel import vhost_module  # noqa: F401 (the fixture: nvmet-vhost loaded)
+from vhost_nvme.guest.driver import GuestDriver
+from vhost_nvme.kernel import KernelChannel
 
 pytestmark = pytest.mark.kernel
 
@@ -273,6 +277,9 @@ def test_limits_bad_input(daemon: Daemon, world: World) -> None:
         assert resp.status_code == 422 and field in resp.json()["error"], (body, resp.text)
     resp = daemon.request("PUT", "/v1/disks/nope/limits", {"riops": 5})
     assert resp.status_code == 400 and "nope" in resp.json()["error"]
+    # combined limits are the engine's kind: blk-throttle on the kernel target cannot enforce them exactly
+    resp = daemon.request("PUT", "/v1/disks/lim/limits", {"rwiops": 5})
+    assert resp.status_code == 409 and "rwiops" in resp.json()["error"], resp.text
     for args in (["--riops", "-5"], ["--wiops", "ten"]):
         proc = daemon.ctl("disk", "limits", "lim", *args, check=False)
         assert proc.returncode == 2 and args[0] in proc.stderr, proc.stderr
@@ -299,3 +306,41 @@ def test_restart_brings_back_tls_keys_and_limits(daemon: Daemon, world: World) -
     # detach releases the throttled device
     daemon.request("DELETE", "/v1/vms/vm-q/disks/lim").raise_for_status()
     assert not Path(mapper).exists()
+
+
+def _guest_iops(g: GuestDriver, seconds: float) -> float:
+    """4 KiB reads per second from the tests' guest driver (queue depth 1), after a warm-up."""
+    lba = g.lba_size(1)
+    nlb, blocks = 4096 // lba, (32 << 20) // lba
+    for length in (0.3, seconds):
+        n, start = 0, time.monotonic()
+        while time.monotonic() - start < length:
+            assert g.read(1, 1, (n * 7919 * nlb) % (blocks - nlb), nlb, lba_size=lba)[0].status == 0
+            n += 1
+    return n / (time.monotonic() - start)
+
+
+def test_limits_on_the_kernel_vhost_back_end(daemon: Daemon, world: World, nvmet_kernel: ConfigFS,
+                                             vhost_module: None) -> None:  # noqa: F811
+    """A VM on nvmet-vhost: its namespace opens the disk's throttled device, so the same blk-throttle limit holds."""
+    daemon.request("POST", "/v1/disks", {"name": "vkl", "pool": "files", "size": "32M"}).raise_for_status()
+    _limits(daemon, "vkl", riops=10_000_000)  # the throttled device from the start, effectively unlimited
+    att = daemon.request("PUT", "/v1/vms/vm-vk/disks/vkl", {"transport": "vhost"}).json()
+    assert att["vhost_backend"] == "kernel", att
+    assert _subsystem_device(nvmet_kernel, daemon, "vm-vk", 1) == f"/dev/mapper/{throttle.dm_name('vkl')}"
+    g = GuestDriver(channel=KernelChannel(), bind=(att["subsystem_nqn"], att["host_nqn"]), timeout=30)
+    try:
+        g.enable()
+        assert g.set_num_queues(2).status == 0
+        g.create_io_queue(1, size=64)
+        solo = _guest_iops(g, 1.5)
+        riops = max(20, int(solo * 0.15))
+        _limits(daemon, "vkl", riops=riops)
+        got = _guest_iops(g, 3.0)
+        assert within(got, riops, 0.15), (got, riops, solo)
+        _limits(daemon, "vkl", riops=0)
+        got = _guest_iops(g, 1.5)
+        assert got > riops * 2.5, (got, riops, solo)
+    finally:
+        g.close()
+    daemon.request("DELETE", "/v1/vms/vm-vk/disks/vkl").raise_for_status()

@@ -42,7 +42,8 @@ VALID: dict[type[BaseModel], st.SearchStrategy[dict[str, Any]]] = {
         "vm_uuid": st.one_of(st.none(), st.uuids().map(str)), "tls": st.booleans()}),
     api.LimitsRequest: st.fixed_dictionaries({}, optional={
         "riops": st.integers(0, 10_000_000), "wiops": st.integers(0, 10_000_000),
-        "rmbps": st.integers(0, 1_000_000), "wmbps": st.integers(0, 1_000_000)}),
+        "rmbps": st.integers(0, 1_000_000), "wmbps": st.integers(0, 1_000_000),
+        "rwiops": st.integers(0, 10_000_000), "rwmbps": st.integers(0, 1_000_000)}),
     api.PoolCreate: st.fixed_dictionaries(
         {"name": volume_names(32), "kind": st.sampled_from(["file", "lvm", "zfs", "nullblk"])},
         optional={"devices": st.lists(st.text(string.ascii_letters + "/._-", min_size=1, max_size=30).map(
