@@ -52,7 +52,7 @@ def test_engine_limits_on_a_running_namespace(manager: Manager, tmp_path: Path) 
         solo_bps = rate(g, 1, False, 1.0, 128)[1]
 
         # reads and writes together, set on the running namespace (same queues, no reconnect)
-        iops = max(20, int(solo_iops * 0.08))
+        iops = max(20, min(int(solo_iops * 0.05), 400))  # far below what a loaded host still does
         assert manager.set_limits("d1", {"rwiops": iops})["limits"] == {"rwiops": iops}
         got = rate(g, 1, False, 2.0, 8)[0]
         assert within(got, iops), (got, iops, solo_iops)
@@ -67,7 +67,7 @@ def test_engine_limits_on_a_running_namespace(manager: Manager, tmp_path: Path) 
         assert within(got, iops * 2), (got, iops * 2)
 
         # MB/s (10^6 bytes), 64 KiB commands
-        mbps = max(1, int(solo_bps * 0.1 / 1e6))
+        mbps = max(1, min(int(solo_bps * 0.05 / 1e6), 16))
         manager.set_limits("d1", {"rwiops": 0, "rwmbps": mbps})
         got = rate(g, 1, False, 2.0, 128)[1]
         assert within(got, mbps * 1e6), (got, mbps, solo_bps)
