@@ -72,9 +72,16 @@ def _run(argv: list[str]) -> str:
 
 def check_available() -> None:
     """Before a limit is stored: a stored limit this host cannot enforce would fail every later reconcile."""
-    if "device-mapper" not in Path("/proc/misc").read_text():
+    if not _device_mapper():
         raise SystemProblem("limits: this kernel has no device-mapper (dm-mod), which kernel-target limits need")
     mount_blkio()
+
+
+def _device_mapper() -> bool:
+    """device-mapper is there, loading dm-mod first if it is a module not loaded yet (as nvmet's modules are)."""
+    if "device-mapper" not in Path("/proc/misc").read_text():
+        subprocess.run(["modprobe", "-q", "dm-mod"], capture_output=True, check=False)
+    return "device-mapper" in Path("/proc/misc").read_text()
 
 
 def mount_blkio(mount: Path = BLKIO_MOUNT) -> Path:
@@ -114,6 +121,8 @@ def device_for(disk: str, backing: str) -> str:
     mapper = Path("/dev/mapper", dm_name(disk))
     if mapper.exists():
         return str(mapper)
+    if not _device_mapper():  # after a reboot, before any limit was changed
+        raise SystemProblem("limits: this kernel has no device-mapper (dm-mod), which kernel-target limits need")
     block = _block_device(backing)
     sectors = _run(["blockdev", "--getsz", block])
     _run(["dmsetup", "create", dm_name(disk), "--table", f"0 {int(sectors)} linear {block} 0"])
