@@ -3,7 +3,7 @@ STAMP := .venv/.setup-done
 # `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
 DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli lint clean
+.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -47,6 +47,10 @@ bench-target: $(STAMP)
 
 bench-backends: $(STAMP)
 	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m bench.backend_io
+
+# NVMe/TCP with TLS 1.3 vs plain NVMe/TCP, same namespace, alternating rounds (bench/tls.py)
+bench-tls: $(STAMP)
+	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m bench.tls
 
 # attach-to-usable latency over loop (median of 50), then with 10, 100, 500 VMs already attached
 BENCH_ATTACH_ARGS ?=

@@ -130,6 +130,21 @@ class AttachRequest(_Request):
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
                                "include the shared memory backend vhost-user needs")
+    tls: bool = Field(default=False, description="tcp: export on the TLS port (TLS 1.3 PSK required); the answer "
+                      "names the PSK file, never the key")
+
+
+class LimitsRequest(_Request):
+    """Changes to a disk's I/O limits: a field left out keeps its value, 0 removes that limit."""
+
+    riops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="read IOPS")
+    wiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="write IOPS")
+    rmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="read MB/s (10^6 bytes)")
+    wmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="write MB/s (10^6 bytes)")
+    rwiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True,
+                               description="reads + writes IOPS (disks the vhost engine serves)")
+    rwmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True,
+                               description="reads + writes MB/s (disks the vhost engine serves)")
 
 
 class PoolCreate(_Request):
@@ -257,6 +272,10 @@ def create_app(manager: Manager) -> FastAPI:
     async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:
         return await run_in_threadpool(manager.clone_disk, name, req.snapshot, req.name)
 
+    @router.put("/v1/disks/{name}/limits")
+    async def disk_limits(name: DiskPath, req: LimitsRequest) -> dict[str, Any]:
+        return await run_in_threadpool(manager.set_limits, name, req.model_dump())
+
     @router.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:
         return await run_in_threadpool(manager.list_vms)
@@ -268,12 +287,17 @@ def create_app(manager: Manager) -> FastAPI:
     @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory,
-                                          req.dpu)
+                                          req.dpu, req.tls)
         return result.to_dict()
 
     @router.delete("/v1/vms/{vm}/disks/{disk}")
     async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
+
+    @router.post("/v1/vms/{vm}/tls-key")
+    async def rotate_tls_key(vm: VmPath) -> dict[str, Any]:
+        """A new TLS PSK for the VM (rotation): sessions up keep running, new connections need the new key."""
+        return await run_in_threadpool(manager.rotate_tls_key, vm)
 
     @router.get("/v1/pools")
     async def list_pools() -> list[dict[str, Any]]:

@@ -338,16 +338,18 @@ def _kv(data: dict[str, Any]) -> str:
 @click.option("--qmp-bus", help="with --qmp: the PCIe root port to plug into (a q35 root bus is not hot-pluggable)")
 @click.option("--memory", help="vhost: the VM's RAM size (512M, 4G), to include the shared memory backend "
               "in the QEMU arguments")
+@click.option("--tls", is_flag=True, help="tcp: export on the TLS port (TLS 1.3 PSK required, DH-CHAP as well); "
+              "the answer names the PSK file for the host")
 @click.pass_obj
 def attach(obj: Context, vm: str, disk: str, transport: str, dpu: str | None, vm_uuid: str | None,
-           qmp_socket: str | None, qmp_bus: str | None, memory: str | None) -> None:
+           qmp_socket: str | None, qmp_bus: str | None, memory: str | None, tls: bool) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory, or (when nvmet-vhost loads, `[vhost] backend`) by the kernel's
     NVMe target itself, QEMU opening /dev/vhost-nvme: the output says which and why, with the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
-                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu})
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu, "tls": tls})
     if qmp_socket and result.get("vhost_backend") == "kernel":
         raise SystemExit(_fail("--qmp does not hot-plug the kernel back-end's device yet (the disk is attached): "
                                "start QEMU with the printed -device, or detach and use [vhost] backend = engine",
@@ -475,6 +477,21 @@ def disk_show(obj: Context, name: str) -> None:
     obj.emit(result, _kv(result))
 
 
+@disk.command("limits")
+@click.argument("name")
+@click.option("--riops", type=click.IntRange(min=0), help="read IOPS (0 removes the limit)")
+@click.option("--wiops", type=click.IntRange(min=0), help="write IOPS (0 removes the limit)")
+@click.option("--rmbps", type=click.IntRange(min=0), help="read MB/s, 10^6 bytes (0 removes the limit)")
+@click.option("--wmbps", type=click.IntRange(min=0), help="write MB/s, 10^6 bytes (0 removes the limit)")
+@click.option("--rwiops", type=click.IntRange(min=0), help="reads + writes IOPS: disks the vhost engine serves")
+@click.option("--rwmbps", type=click.IntRange(min=0), help="reads + writes MB/s: disks the vhost engine serves")
+@click.pass_obj
+def disk_limits(obj: Context, name: str, **limits: int | None) -> None:
+    """Set I/O limits of disk NAME, enforced at once on the running disk (options not given are kept)."""
+    result = obj.call("PUT", ("v1", "disks", name, "limits"), limits)
+    obj.emit(result, _kv({"disk": name, **result["limits"]}) if result["limits"] else f"{name}: no limits")
+
+
 @cli.group()
 def pool() -> None:
     """Create, list, show and destroy the pools disks live in."""
@@ -545,6 +562,15 @@ def vm_list(obj: Context) -> None:
 def vm_show(obj: Context, name: str) -> None:
     result = obj.call("GET", ("v1", "vms", name))
     obj.emit(result, json.dumps(result, indent=2))
+
+
+@vm.command("rotate-psk")
+@click.argument("name")
+@click.pass_obj
+def vm_rotate_psk(obj: Context, name: str) -> None:
+    """A new TLS PSK for VM NAME (connected hosts stay up; new connections need the new key file)."""
+    result = obj.call("POST", ("v1", "vms", name, "tls-key"))
+    obj.emit(result, _kv(result))
 
 
 _json_everywhere(cli)

@@ -142,6 +142,8 @@ PATH_OPERATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/vms/{vm}", None),
     ("PUT", "/v1/vms/{vm}/disks/{disk}", {"transport": "tcp"}),
     ("DELETE", "/v1/vms/{vm}/disks/{disk}", None),
+    ("POST", "/v1/vms/{vm}/tls-key", None),
+    ("PUT", "/v1/disks/{name}/limits", {"riops": 100}),
 ]
 
 
