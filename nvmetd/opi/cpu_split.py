@@ -16,7 +16,6 @@ it show PCIe/DMA costs or VM exits: the guest driver plays QEMU and the guest in
 from __future__ import annotations
 
 import os
-import re
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ def _group(comm: str) -> str:
     """kworker/1:2H-nvme_tcp_wq -> nvme_tcp_wq; ksoftirqd/1 -> ksoftirqd; kworker/u4:0 -> kworker."""
     if comm.startswith("kworker/"):
         return comm.split("-", 1)[1] if "-" in comm else "kworker"
-    return re.sub(r"[/:]?\d+$", "", comm.split("/", 1)[0]) or comm
+    return comm.split("/", 1)[0] or comm
 
 
 def kthread_usec() -> dict[str, int]:
