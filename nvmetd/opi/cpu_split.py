@@ -1,11 +1,12 @@
 """Where the CPU of a guest job went, in the one-kernel simulation of a host and its DPU.
 
 The figure offload mode is about is the host CPU per I/O outside the guest (QEMU plus the guest's own driver) and
-outside the DPU. Here: every busy tick the kernel accounts (/proc/stat user, nice, system, irq, softirq), minus
-the DPU cgroup's usage (its nvmetd and vhost-nvme engines), minus the guest process. What is left is the rest of
-this kernel's work, kernel threads included, listed apart by name (a kworker is named after the workqueue it ran
-last, so `nvme_tcp_wq` is the DPU's NVMe/TCP initiator and `nvmet_tcp_wq` the storage target's side; an idle
-worker keeps the name of its last work, so the split by name is approximate).
+outside the DPU. Here: the CPU time of every thread of this kernel (the scheduler's exact runtime), minus the
+DPU's processes (its cgroup: its nvmetd and vhost-nvme engines), minus the guest process. What is left is the rest
+of this kernel's work, kernel threads included and listed apart by name (a kworker is named after the workqueue it
+ran last, so `nvme_tcp_wq` is the DPU's NVMe/TCP initiator and `nvmet_tcp_wq` the storage target's side; an idle
+worker keeps the name of its last work, so the split by name is approximate). Softirq work is charged to the
+thread it interrupted; a thread that exits during the job takes its time with it.
 
 What one kernel cannot show: the DPU's kernel work (the NVMe/TCP initiator's workers, the block layer under its
 engine, the softirqs of the veth pair) runs on this kernel and is charged to no cgroup, so it lands on the host's
@@ -16,60 +17,41 @@ it show PCIe/DMA costs or VM exits: the guest driver plays QEMU and the guest in
 from __future__ import annotations
 
 import os
-import resource
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PF_KTHREAD = 0x00200000
-TICK_USEC = 1_000_000 // os.sysconf("SC_CLK_TCK")
-
-
-def busy_usec() -> int:
-    """All CPUs' busy time: user, nice, system, irq, softirq (not idle, iowait, steal)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) * TICK_USEC
-
-
-def cgroup_usec(cgroup: Path) -> int:
-    for line in (cgroup / "cpu.stat").read_text().splitlines():
-        key, value = line.split()
-        if key == "usage_usec":
-            return int(value)
-    raise RuntimeError(f"{cgroup}/cpu.stat has no usage_usec")
-
-
-def self_usec() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return int((r.ru_utime + r.ru_stime) * 1_000_000)
 
 
 def _group(comm: str) -> str:
-    """kworker/1:2H-nvme_tcp_wq -> nvme_tcp_wq; ksoftirqd/1 -> ksoftirqd; kworker/u4:0 -> kworker."""
+    """kworker/1:2H-nvme_tcp_wq -> kworker/1:*H-nvme_tcp_wq (a pool's workers, by the workqueue they ran last);
+    ksoftirqd/1 -> ksoftirqd; jbd2/vda1-8 -> jbd2."""
     if comm.startswith("kworker/"):
-        return comm.split("-", 1)[1] if "-" in comm else "kworker"
+        return re.sub(r":\d+", ":*", comm)
     return comm.split("/", 1)[0] or comm
 
 
-def kthread_usec() -> dict[str, int]:
-    """CPU time of every live kernel thread, summed by name group."""
-    out: dict[str, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _threads(pid: str) -> Iterator[tuple[str, int, bool]]:
+    """(name, ns on CPU, is a kernel thread) of each thread of pid; /proc/PID/task/TID/schedstat's first field
+    is the scheduler's own runtime: exact, where /proc/stat's ticks under-count on an emulated, loaded CPU."""
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         try:
-            text = stat.read_text()
-        except OSError:
-            continue
+            runtime = int((task / "schedstat").read_text().split()[0])
+            text = (task / "stat").read_text()
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
         comm = text[text.index("(") + 1:text.rindex(")")]
-        rest = text[text.rindex(")") + 2:].split()
-        if not int(rest[6]) & PF_KTHREAD:  # field 9: flags
-            continue
-        key = _group(comm)
-        out[key] = out.get(key, 0) + (int(rest[11]) + int(rest[12])) * TICK_USEC  # utime, stime
-    return out
+        flags = int(text[text.rindex(")") + 2:].split()[6])  # field 9
+        yield comm, runtime, bool(flags & PF_KTHREAD)
 
 
 @dataclass
 class Sample:
+    """CPU time (us) of every live thread, split into the guest (this process), the DPU (the processes of its
+    cgroup), kernel threads by name, and everything else."""
+
     busy: int
     dpu: int
     guest: int
@@ -77,8 +59,21 @@ class Sample:
 
 
 def sample(dpu_cgroup: Path | None) -> Sample:
-    return Sample(busy_usec(), cgroup_usec(dpu_cgroup) if dpu_cgroup is not None else 0, self_usec(),
-                  kthread_usec())
+    dpu_pids = set((dpu_cgroup / "cgroup.procs").read_text().split()) if dpu_cgroup is not None else set()
+    me = str(os.getpid())
+    busy = dpu = guest = 0
+    kthreads: dict[str, int] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        for comm, ns, kthread in _threads(proc.name):
+            us = ns // 1000
+            busy += us
+            if proc.name == me:
+                guest += us
+            elif proc.name in dpu_pids:
+                dpu += us
+            elif kthread:
+                kthreads[_group(comm)] = kthreads.get(_group(comm), 0) + us
+    return Sample(busy, dpu, guest, kthreads)
 
 
 @dataclass

@@ -12,8 +12,9 @@ from nvmetd.opi.cpu_split import Sample
 
 
 @pytest.mark.parametrize(("comm", "group"), [
-    ("kworker/1:2H-nvme_tcp_wq", "nvme_tcp_wq"), ("kworker/u4:0-nvmet_tcp_wq", "nvmet_tcp_wq"),
-    ("kworker/0:1", "kworker"), ("ksoftirqd/1", "ksoftirqd"), ("rcu_preempt", "rcu_preempt"),
+    ("kworker/1:2H-nvme_tcp_wq", "kworker/1:*H-nvme_tcp_wq"),
+    ("kworker/u4:0-nvmet_tcp_wq", "kworker/u4:*-nvmet_tcp_wq"),
+    ("kworker/0:1", "kworker/0:*"), ("ksoftirqd/1", "ksoftirqd"), ("rcu_preempt", "rcu_preempt"),
     ("jbd2/vda1-8", "jbd2"), ("kthreadd", "kthreadd"),
 ])
 def test_kernel_threads_group_by_name(comm: str, group: str) -> None:
@@ -30,14 +31,23 @@ def test_split_takes_guest_and_dpu_out_of_the_total() -> None:
 
 
 def test_samples_from_this_machine_only_grow(tmp_path: Path) -> None:
-    cg = tmp_path / "cg"
-    cg.mkdir()
-    (cg / "cpu.stat").write_text("usage_usec 7\nuser_usec 5\nsystem_usec 2\n")
-    a = cpu_split.sample(cg)
-    sum(i * i for i in range(200_000))  # some CPU in this process
-    b = cpu_split.sample(cg)
-    assert a.dpu == b.dpu == 7 and b.guest > a.guest and b.busy >= a.busy
-    assert all(b.kthreads.get(k, 0) >= v for k, v in a.kthreads.items() if k in b.kthreads)
-    (cg / "cpu.stat").write_text("user_usec 5\n")
-    with pytest.raises(RuntimeError, match="usage_usec"):
-        cpu_split.sample(cg)
+    """This process is the guest, a sleeping child stands for the DPU's cgroup; only the guest burns CPU."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cg = tmp_path / "cg"
+        cg.mkdir()
+        (cg / "cgroup.procs").write_text(f"{child.pid}\n")
+        a = cpu_split.sample(cg)
+        sum(i * i for i in range(300_000))  # some CPU in this process
+        b = cpu_split.sample(cg)
+    finally:
+        child.kill()
+        child.wait()
+    assert b.guest - a.guest > 1000 and b.busy - a.busy >= b.guest - a.guest  # us
+    assert b.dpu >= a.dpu > 0 and b.dpu - a.dpu < b.guest - a.guest
+    assert not a.kthreads or any(k.startswith(("kworker/", "ksoftirqd", "rcu")) for k in a.kthreads)
+    s = cpu_split.split(a, b, ios=10)
+    assert s.guest > 0 and s.host >= 0 and s.total >= s.guest
