@@ -33,9 +33,9 @@ def _group(comm: str) -> str:
     return comm.split("/", 1)[0] or comm
 
 
-def _threads(pid: str) -> Iterator[tuple[str, int, bool]]:
-    """(name, ns on CPU, is a kernel thread) of each thread of pid; /proc/PID/task/TID/schedstat's first field
-    is the scheduler's own runtime: exact, where /proc/stat's ticks under-count on an emulated, loaded CPU."""
+def _threads(pid: str) -> Iterator[tuple[str, str, int, bool]]:
+    """(tid, name, ns on CPU, is a kernel thread) of each thread of pid; /proc/PID/task/TID/schedstat's first
+    field is the scheduler's own runtime: exact, where /proc/stat's ticks under-count on an emulated, loaded CPU."""
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         try:
             runtime = int((task / "schedstat").read_text().split()[0])
@@ -44,27 +44,28 @@ def _threads(pid: str) -> Iterator[tuple[str, int, bool]]:
             continue  # exited meanwhile
         comm = text[text.index("(") + 1:text.rindex(")")]
         flags = int(text[text.rindex(")") + 2:].split()[6])  # field 9
-        yield comm, runtime, bool(flags & PF_KTHREAD)
+        yield task.name, comm, runtime, bool(flags & PF_KTHREAD)
 
 
 @dataclass
 class Sample:
     """CPU time (us) of every live thread, split into the guest (this process), the DPU (the processes of its
-    cgroup), kernel threads by name, and everything else."""
+    cgroup) and everything else; kernel threads kept by thread id (a kworker changes its name with its work, so
+    only a per-thread difference is its own), with their names."""
 
     busy: int
     dpu: int
     guest: int
-    kthreads: dict[str, int] = field(default_factory=dict)
+    kthreads: dict[str, tuple[str, int]] = field(default_factory=dict)  # tid -> (name group, us)
 
 
 def sample(dpu_cgroup: Path | None) -> Sample:
     dpu_pids = set((dpu_cgroup / "cgroup.procs").read_text().split()) if dpu_cgroup is not None else set()
     me = str(os.getpid())
     busy = dpu = guest = 0
-    kthreads: dict[str, int] = {}
+    kthreads: dict[str, tuple[str, int]] = {}
     for proc in Path("/proc").glob("[0-9]*"):
-        for comm, ns, kthread in _threads(proc.name):
+        for tid, comm, ns, kthread in _threads(proc.name):
             us = ns // 1000
             busy += us
             if proc.name == me:
@@ -72,7 +73,7 @@ def sample(dpu_cgroup: Path | None) -> Sample:
             elif proc.name in dpu_pids:
                 dpu += us
             elif kthread:
-                kthreads[_group(comm)] = kthreads.get(_group(comm), 0) + us
+                kthreads[tid] = (_group(comm), us)
     return Sample(busy, dpu, guest, kthreads)
 
 
@@ -94,7 +95,10 @@ class Split:
 
 def split(before: Sample, after: Sample, ios: int) -> Split:
     total, dpu, guest = after.busy - before.busy, after.dpu - before.dpu, after.guest - before.guest
-    threads = {k: (v - before.kthreads.get(k, 0)) / ios for k, v in after.kthreads.items()
-               if v - before.kthreads.get(k, 0) > 0}
+    threads: dict[str, float] = {}
+    for tid, (name, us) in after.kthreads.items():
+        ran = us - before.kthreads.get(tid, (name, 0))[1]
+        if ran > 0:  # grouped by the name it has now
+            threads[name] = threads.get(name, 0.0) + ran / ios
     return Split(ios, total / ios, dpu / ios, guest / ios, max(total - dpu - guest, 0) / ios,
                  dict(sorted(threads.items(), key=lambda kv: -kv[1])))
