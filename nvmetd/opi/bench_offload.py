@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pools.create_pool("file", "files", devices=[str(base / "files")], root=base / "pools")
         manager = Manager(StateStore(base / "state.json"), ConfigFS(), pools_root=base / "pools",
-                          keys_dir=base / "keys", host_connect=False, vhost=VhostEngines(run / "v"))
+                          keys_dir=base / "keys", host_connect=False, vhost=VhostEngines(run / "v"),
+                          vhost_backend="engine")  # the userspace engine, as on the DPU (not nvmet-vhost)
         import tomllib
 
         manager.dpu = tomllib.loads(dpu.host_config())["dpu"]
