@@ -54,12 +54,13 @@ def guest_job(sock: str):
     g.enable()
     g.create_io_queue(1, 64)
     data = os.urandom(BLOCK)
+    lba = g.lba_size(1)  # a file exported by nvmet has 4 KiB LBAs, so the DPU's remote namespace does too
 
     def job(count: int) -> None:
         for i in range(count):
-            slba = (i % 2048) * (BLOCK // 512)
-            assert g.write(1, 1, slba, data).status == 0
-            cqe, back = g.read(1, 1, slba, BLOCK // 512)
+            slba = (i % 2048) * (BLOCK // lba)
+            assert g.write(1, 1, slba, data, lba_size=lba).status == 0
+            cqe, back = g.read(1, 1, slba, BLOCK // lba, lba_size=lba)
             assert cqe.status == 0 and back == data
 
     return job, g
