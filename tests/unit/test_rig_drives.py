@@ -24,9 +24,9 @@ def test_each_drive_is_a_hot_pluggable_nvme_controller_on_its_own_image(tmp_path
     drives = Drives(tmp_path / "d", count=3, size=64 << 20)
     drives.create()
     pairs = _opts(drives)
-    nodes = [json.loads(v) for k, v in pairs if k == "-blockdev"]
-    assert [n["file"]["filename"] for n in nodes] == [str(drives.image(i)) for i in range(3)]
-    assert all(n["driver"] == "raw" for n in nodes)
+    nodes = [v for k, v in pairs if k == "-blockdev"]
+    assert nodes == [f"driver=raw,node-name=nvmetd-node{i},file.driver=file,file.filename={drives.image(i)}"
+                     for i in range(3)]
     ports = [v for k, v in pairs if k == "-device" and v.startswith("pcie-root-port,")]
     assert len({p.split("chassis=")[1].split(",")[0] for p in ports}) == 3  # unique chassis numbers
     nvmes = [v for k, v in pairs if k == "-device" and v.startswith("nvme,")]
