@@ -94,9 +94,9 @@ class Drives:
         """QEMU arguments: the drives behind their root ports, the host's QMP socket, the guest's serial port."""
         opts: list[str] = []
         for i in range(self.count):
-            node = {"driver": "raw", "node-name": node_name(i),
-                    "file": {"driver": "file", "filename": str(self.image(i))}}
-            opts += ["-blockdev", json.dumps(node, separators=(",", ":")),
+            # key=value form, not JSON: virtme-ng re-splits its qemu options as a shell would, eating the quotes
+            node = f"driver=raw,node-name={node_name(i)},file.driver=file,file.filename={_escape(self.image(i))}"
+            opts += ["-blockdev", node,
                      "-device", f"pcie-root-port,id={port_id(i)},chassis={CHASSIS_BASE + i},bus=pcie.0",
                      "-device", _device_opt(device_arguments(i))]
         if self.count:
