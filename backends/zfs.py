@@ -98,6 +98,7 @@ class ZfsBackend(Backend):
         """Bring back members that are present again but not ONLINE (`zpool online`, then `zpool clear` of their
         error counts): ZFS resilvers what they missed. Returns the members it put online."""
         load_module()
+        run(["udevadm", "settle", "--timeout", "10"], check=False)  # a re-plugged disk's partition links
         back = [path for path, state in pool_health(self.zpool)["members"].items()
                 if state != "ONLINE" and Path(path).exists()]
         for path in back:
