@@ -156,6 +156,8 @@ class PoolCreate(_Request):
     fill_threshold: float = Field(90.0, gt=0, le=100, description="percent full at which new allocations stop")
     capacity: Size | None = Field(None, description="file, nullblk: a budget (10G)")
     thin_pool_percent: StrictInt | None = Field(None, ge=1, le=95, description="lvm: the VG's share for thin LVs")
+    layout: Literal["stripe", "mirror"] | None = Field(None, description="zfs: stripe (default) or mirror (one "
+                                                       "N-way mirror over the devices)")
 
 
 class ErrorBody(BaseModel):
@@ -307,7 +309,7 @@ def create_app(manager: Manager) -> FastAPI:
     async def create_pool(req: PoolCreate) -> dict[str, Any]:
         from backends import names
 
-        options = {k: v for k in ("capacity", "thin_pool_percent") if (v := getattr(req, k)) is not None}
+        options = {k: v for k in ("capacity", "thin_pool_percent", "layout") if (v := getattr(req, k)) is not None}
         if "capacity" in options:
             options["capacity"] = names.size(options["capacity"], "capacity")
         return await run_in_threadpool(pool_ops.create_pool, manager, req.kind, req.name, req.devices,
@@ -316,6 +318,11 @@ def create_app(manager: Manager) -> FastAPI:
     @router.get("/v1/pools/{name}")
     async def show_pool(name: PoolPath) -> dict[str, Any]:
         return await run_in_threadpool(pool_ops.pool_info, manager, name)
+
+    @router.post("/v1/pools/{name}/repair")
+    async def repair_pool(name: PoolPath) -> dict[str, Any]:
+        """Put members of a redundant pool that are present again back online (they resilver)."""
+        return await run_in_threadpool(pool_ops.repair_pool, manager, name)
 
     @router.delete("/v1/pools/{name}")
     async def destroy_pool(name: PoolPath) -> dict[str, Any]:

@@ -506,15 +506,19 @@ def pool() -> None:
               help="percent full at which new allocations are refused")
 @click.option("--capacity", help="file, nullblk: a budget, e.g. 10G")
 @click.option("--thin-pool-percent", type=click.IntRange(1, 95), help="lvm: the VG's share for thin LVs")
+@click.option("--layout", type=click.Choice(["stripe", "mirror"]),
+              help="zfs: stripe (default) or mirror (the pool survives the loss of all but one device)")
 @click.pass_obj
 def pool_create(obj: Context, name: str, devices: tuple[str, ...], kind: str, fill_threshold: float,
-                capacity: str | None, thin_pool_percent: int | None) -> None:
+                capacity: str | None, thin_pool_percent: int | None, layout: str | None) -> None:
     body: dict[str, Any] = {"name": name, "kind": kind, "devices": [os.path.abspath(d) for d in devices],
                             "fill_threshold": fill_threshold}
     if capacity is not None:
         body["capacity"] = capacity
     if thin_pool_percent is not None:
         body["thin_pool_percent"] = thin_pool_percent
+    if layout is not None:
+        body["layout"] = layout
     result = obj.call("POST", ("v1", "pools"), body)
     obj.emit(result, _kv(result))
 
@@ -533,6 +537,15 @@ def pool_list(obj: Context) -> None:
 @click.pass_obj
 def pool_show(obj: Context, name: str) -> None:
     result = obj.call("GET", ("v1", "pools", name))
+    obj.emit(result, _kv(result))
+
+
+@pool.command("repair")
+@click.argument("name")
+@click.pass_obj
+def pool_repair(obj: Context, name: str) -> None:
+    """Put a mirror's drives that are back (re-plugged) online again; ZFS resilvers them."""
+    result = obj.call("POST", ("v1", "pools", name, "repair"))
     obj.emit(result, _kv(result))
 
 
