@@ -10,6 +10,11 @@ and wait at most `timeout` seconds for it. Outcomes:
 - `io-error`: the read failed; the errno is the detail.
 - `stalled`: the read did not return within the timeout (a probe still running from an earlier call counts too,
   so a stuck device holds one probe thread, never one per status call).
+- `replaced`: the path answers, but it names another device than when this nvmetd last saw the namespace healthy
+  (a drive pulled and put back, a dm or loop device recreated). nvmet still holds the one that went away and fails
+  every I/O on it; the next reconcile (the drift timer, or POST /v1/reconcile) disables and re-enables the
+  namespace so that nvmet opens the device the path names now. What a device is, is remembered from the first
+  healthy probe or reconcile after nvmetd started: a swap before that is not seen.
 
 The probe only reads, and only what nvmet already opened: it activates nothing and opens no LUKS mapping.
 """
@@ -26,10 +31,11 @@ from typing import Any
 
 PROBE_BYTES = 4096
 DEFAULT_TIMEOUT = 2.0
-STATES = ("ok", "missing", "io-error", "stalled")
+STATES = ("ok", "missing", "io-error", "stalled", "replaced")
 
 _inflight: dict[str, threading.Thread] = {}
 _lock = threading.Lock()
+_seen: dict[tuple[str, int], tuple[str, int, int]] = {}  # (subsystem, nsid) -> (path, device identity) when healthy
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,28 @@ def probe(path: str, timeout: float = DEFAULT_TIMEOUT) -> Health:
     return result[0]
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
+def _judge(subsystem: str, nsid: int, path: str, health: Health) -> Health:
+    if health.state != "ok":
+        return health
+    now = _identity(path)
+    with _lock:
+        known = _seen.get((subsystem, nsid))
+        if known is not None and known[0] == path and now is not None and known[1:] != now:
+            return Health("replaced", f"{path} now names another device than the one nvmet opened (removed and "
+                                      "added back?); the next reconcile re-opens it")
+        if now is not None:
+            _seen[(subsystem, nsid)] = (path, *now)
+    return health
+
+
 def namespaces(live: Any, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
     """Health of every enabled namespace of a live TargetState (read back from configfs)."""
     rows = []
@@ -92,6 +120,26 @@ def namespaces(live: Any, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, An
         for ns in sub.namespaces:
             if not ns.enable or not ns.device_path:
                 continue
-            rows.append({"subsystem": sub.nqn, "nsid": ns.nsid, "device_path": ns.device_path,
-                         **asdict(probe(ns.device_path, timeout))})
+            health = _judge(sub.nqn, ns.nsid, ns.device_path, probe(ns.device_path, timeout))
+            rows.append({"subsystem": sub.nqn, "nsid": ns.nsid, "device_path": ns.device_path, **asdict(health)})
     return rows
+
+
+def reopen_replaced(cfs: Any) -> list[str]:
+    """After a reconcile: make nvmet re-open every namespace whose device was replaced under it (disable, enable),
+    and remember what each healthy namespace's path names. Returns what it re-opened, for the log."""
+    from target.live import read_state
+
+    done = []
+    for row in namespaces(read_state(cfs)):
+        if row["state"] != "replaced":
+            continue
+        rel = f"subsystems/{row['subsystem']}/namespaces/{row['nsid']}"
+        cfs.write(rel, "enable", "0")
+        cfs.write(rel, "enable", "1")
+        now = _identity(row["device_path"])
+        if now is not None:
+            with _lock:
+                _seen[(row["subsystem"], row["nsid"])] = (row["device_path"], *now)
+        done.append(f"{row['subsystem']} nsid {row['nsid']}: re-opened {row['device_path']} (device replaced)")
+    return done

@@ -32,3 +32,16 @@ def test_only_enabled_namespaces_are_probed_and_problems_are_named(tmp_path: Pat
     assert [(r["nsid"], r["state"]) for r in rows] == [(1, "ok"), (2, "missing")]
     text = _health_text(rows)
     assert "1 of 2 enabled namespaces answer" in text and f"{SUB} nsid 2: missing" in text
+
+
+def test_a_path_that_names_another_device_is_replaced(tmp_path: Path) -> None:
+    disk = tmp_path / "swap.img"
+    disk.write_bytes(bytes(4096))
+    live = parse_state({"subsystems": [{"nqn": SUB, "allow_any_host": True,
+                                        "namespaces": [{"nsid": 7, "device_path": str(disk)}]}]})
+    assert ns_health.namespaces(live)[0]["state"] == "ok"  # remembered
+    disk.rename(tmp_path / "gone.img")
+    assert ns_health.namespaces(live)[0]["state"] == "missing"
+    (tmp_path / "new.img").write_bytes(bytes(4096))
+    (tmp_path / "new.img").rename(disk)  # another file under the same path: nvmet still holds the old one
+    assert ns_health.namespaces(live)[0]["state"] == "replaced"
