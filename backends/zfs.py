@@ -28,6 +28,7 @@ ROOT_DATASET = "nvmetd"
 VOLBLOCKSIZES = ("4K", "8K", "16K", "32K", "64K", "128K")
 ZVOL_DEV = Path("/dev/zvol")
 LAYOUTS = ("stripe", "mirror")
+TXG_DEFER_SIZE = 2  # OpenZFS: txgs a freed block waits before it is allocatable (and trimmable) again
 
 
 def _get(dataset: str, *props: str) -> dict[str, str]:
@@ -143,6 +144,7 @@ class ZfsBackend(Backend):
         if _exists(ds):
             run(["zfs", "destroy", "-r", ds])
             self._settle_frees()
+            self._trim()
 
     def _settle_frees(self) -> None:
         """Destroyed blocks are freed in later txgs (async destroy): sync until `freeing` is 0, so the fill level
@@ -152,6 +154,17 @@ class ZfsBackend(Backend):
             freeing = out(["zpool", "get", "-Hp", "-o", "value", "freeing", self.zpool]).strip()
             if freeing in ("0", "-", ""):
                 return
+
+    def _trim(self) -> None:
+        """ZFS frees a destroyed zvol's blocks without touching them: no later zvol can read them (unwritten blocks
+        read as zeros), but the vdevs keep the old data. TRIM the freed space and wait, so that a device that
+        discards (SSDs, thin LUNs, loop files) forgets it too; vdevs without discard keep it (ciphertext only, for
+        an encrypted zvol)."""
+        for _ in range(TXG_DEFER_SIZE + 1):  # freed blocks sit in the defer tree, untrimmable, for 2 txgs
+            run(["zpool", "sync", self.zpool])
+        proc = run(["zpool", "trim", "-w", self.zpool], check=False)
+        if proc.returncode != 0 and "support trim" not in proc.stderr:
+            raise BackendError(f"zpool trim {self.zpool} failed after deleting a zvol: {proc.stderr.strip()}")
 
     def _resize(self, vol: Record, backing_bytes: int) -> None:
         run(["zfs", "set", f"volsize={backing_bytes}", self._ds(vol)])

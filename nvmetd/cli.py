@@ -245,8 +245,17 @@ def status(obj: Context) -> None:
             f"{d['ports']} ports, {d['hosts']} hosts (generation {data['generation']})\n"
             f"live:    {live['subsystems']} subsystems, {live['namespaces']} namespaces "
             f"({live['enabled_namespaces']} enabled), {live['ports']} ports, {live['hosts']} hosts\n"
-            f"drift:   {data['drift']} change(s) needed" + (" — run `nvmetctl diff`" if data["drift"] else ""))
+            f"drift:   {data['drift']} change(s) needed" + (" — run `nvmetctl diff`" if data["drift"] else "")
+            + _health_text(data.get("health", [])))
     obj.emit(data, text)
+
+
+def _health_text(rows: list[dict]) -> str:
+    bad = [r for r in rows if r["state"] != "ok"]
+    text = f"\nhealth:  {len(rows) - len(bad)} of {len(rows)} enabled namespaces answer"
+    for r in bad:
+        text += f"\n  {r['subsystem']} nsid {r['nsid']}: {r['state']}: {r['detail']}"
+    return text
 
 
 @cli.command(name="export")

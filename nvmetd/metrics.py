@@ -60,6 +60,7 @@ class _Collector:
                     nbytes.add_metric(values, stats[f"{d}_sectors"] * 512)
                     seconds.add_metric(values, stats[f"{d}_ticks_ms"] / 1000)
         yield from (ios, nbytes, seconds)
+        yield _health_metric(cfs)
 
         status = self.manager.status()
         size = GaugeMetricFamily("nvmetd_pool_size_bytes", "pool capacity", labels=["pool", "kind"])
@@ -90,6 +91,19 @@ class _Collector:
         generation = GaugeMetricFamily("nvmetd_state_generation", "generation of the durable state")
         generation.add_metric([], status["generation"])
         yield generation
+
+
+def _health_metric(cfs) -> Metric:
+    from nvmetd import ns_health
+    from target.live import read_state
+
+    healthy = GaugeMetricFamily("nvmetd_namespace_healthy", "1 if a read of the enabled namespace's backing device "
+                                "returned (state: ok, missing, io-error, stalled)",
+                                labels=["subsystem", "nsid", "device", "state"])
+    for row in ns_health.namespaces(read_state(cfs)):
+        healthy.add_metric([row["subsystem"], str(row["nsid"]), row["device_path"], row["state"]],
+                           1 if row["state"] == "ok" else 0)
+    return healthy
 
 
 def render_metrics(manager) -> tuple[bytes, str]:
