@@ -110,14 +110,13 @@ class Manager:
     # ------------------------------------------------------------------ reconcile
     def _devices(self, doc: dict[str, Any]) -> dict[str, str]:
         """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
+        by_pool: dict[str, list[str]] = {}  # one ledger transaction per pool, not one per disk
+        wanted = [d for vm in self._vms(doc).values() for d in vm.attachments] + list(opi_state.disks(doc))
+        for disk in dict.fromkeys(wanted):
+            by_pool.setdefault(self._disk_pool(doc, disk), []).append(disk)
         devices: dict[str, str] = {}
-        for vm in self._vms(doc).values():
-            for disk in vm.attachments:
-                if disk not in devices:
-                    devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
-        for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
-            if disk not in devices:
-                devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        for pool, disks in by_pool.items():
+            devices.update(self._pool(pool).attach_many(disks))
         self._device_paths = dict(devices)
         return devices
 
@@ -225,11 +224,14 @@ class Manager:
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
         attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
+        by_pool: dict[str, list[str]] = {}  # each pool's ledger read and written once, not once per disk
         for disk, entry in doc.get("disks", {}).items():
             if disk not in attached and entry.get("state", "ready") == "ready":
-                pool = self._pool(entry["pool"])
-                if pool.info(disk).attached:
-                    pool.detach(disk)
+                by_pool.setdefault(entry["pool"], []).append(disk)
+        for name, disks in by_pool.items():
+            pool = self._pool(name)
+            ledger = pool.ledger.load()
+            pool.detach_many([d for d in disks if pool.info(d, ledger).attached])
 
     # ------------------------------------------------------------------ target
     def apply_base(self, state: TargetState) -> ApplyResult:
@@ -398,9 +400,6 @@ class Manager:
                 for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
                     if other != vm_name and disk in entry.get("attachments", {}):
                         raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
-                for other in self._vms(doc).values():
-                    if other.name != vm_name and disk in other.attachments:
-                        raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
                 if disk in opi_state.disks(doc):
                     raise UserError(f"disk {disk!r} is the volume of {opi_state.disks(doc)[disk][0]} (OPI API)")
                 current = vm.attachments.get(disk)
