@@ -398,12 +398,16 @@ class Backend(ABC):
         """`attach` for many volumes in one ledger transaction: a full reconcile of a host with thousands of disks
         would otherwise rewrite the whole ledger once per disk (quadratic in the number of disks)."""
         paths: dict[str, str] = {}
-        with self.ledger.change() as doc:
+        failure: BaseException | None = None
+        with self.ledger.change():  # the attaches' own changes nest in it: one write
             for name in names:
-                vol = self._get(doc, name)
-                self._busy(doc, name)
-                paths[name] = self._open(vol)
-                vol["attached"] = True
+                try:
+                    paths[name] = self.attach(name)
+                except BaseException as exc:  # what was opened before it stays recorded as attached
+                    failure = exc
+                    break
+        if failure is not None:
+            raise failure
         return paths
 
     def _open(self, vol: Record) -> str:
@@ -422,11 +426,16 @@ class Backend(ABC):
         """`detach` for many volumes in one ledger transaction (see attach_many)."""
         if not names:
             return
-        with self.ledger.change() as doc:
+        failure: BaseException | None = None
+        with self.ledger.change():
             for name in names:
-                vol = self._get(doc, name)
-                luks.close(self.mapname(name))
-                vol["attached"] = False
+                try:
+                    self.detach(name)
+                except BaseException as exc:
+                    failure = exc
+                    break
+        if failure is not None:
+            raise failure
 
     def device_path(self, name: str) -> str:
         """What an attached volume's namespace points at."""

@@ -29,6 +29,7 @@ from target.features import load_modules
 from target.model import TargetState, parse_state
 from target.restore import SystemReadiness, restore
 from target.scope import ScopedLiveTree
+from target.status import NOT_THERE
 from target.store import StateStore, set_target
 
 log = logging.getLogger("nvmetd.manager")
@@ -428,7 +429,7 @@ class Manager:
             result = self._reconcile_vm(vm_name, before)
             crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
-            bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
+            bad = [s for s in result.objects.values() if s.status in NOT_THERE]
             if bad:
                 where = "the vhost engine" if chosen == "vhost" and backend == "engine" else "the kernel"
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,11 @@ def _empty() -> dict[str, Any]:
 
 
 class StateStore:
-    def __init__(self, path: Path = DEFAULT_PATH) -> None:
+    def __init__(self, path: Path = DEFAULT_PATH, empty: Callable[[], dict[str, Any]] | None = None) -> None:
+        """`empty`: the document of a file never written (default: nvmetd's desired state with an empty target;
+        backends/ledger.py keeps a pool's record in the same kind of file, shaped its own way)."""
         self.path = Path(path)
+        self._empty = empty or _empty
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._held = threading.local()  # how deep this thread is inside locked()
 
@@ -48,7 +51,7 @@ class StateStore:
         try:
             raw = self.path.read_text()
         except FileNotFoundError:
-            return _empty()
+            return self._empty()
         try:
             doc = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -85,14 +88,26 @@ class StateStore:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[dict[str, Any]]:
-        """Yield the document for changing in place; it is saved (generation + 1) if it changed."""
+        """Yield the document for changing in place; it is saved (generation + 1) if it changed.
+
+        Nested in a transaction of the same thread, it yields the outer document and the outer one saves: a
+        batch of changes (a pool attaching a thousand volumes) is one write, and an inner change is never lost
+        to the outer one writing back what it read before."""
         with self.locked():
+            outer = getattr(self._held, "doc", None)
+            if outer is not None:
+                yield outer
+                return
             doc = self.load()
             # the serialised form, not a deep copy, is the "before": json's C encoder is an order of magnitude
             # faster than copy.deepcopy, and this runs on every change of a document that grows with the host
             before = _serialise(doc)
             generation = doc["generation"]
-            yield doc
+            self._held.doc = doc
+            try:
+                yield doc
+            finally:
+                self._held.doc = None
             if _serialise(doc) != before:
                 doc["generation"] = generation + 1
                 self._write(doc)
