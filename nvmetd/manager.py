@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmetd import initiator, vm_scope
+from nvmetd import initiator, state_doc, vm_scope
 from nvmetd.changelog import ChangeLog, recorded
 from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.opi import state as opi_state
 from nvmetd.qmp import node_name as qmp_node_name
+from nvmetd.state_doc import DiskState
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vhost_kernel import Choice, KernelBackendMissing, choose_backend
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
@@ -103,10 +104,10 @@ class Manager:
         return _pools().open_pool(name, self.pools_root)
 
     def _disk_pool(self, doc: dict[str, Any], disk: str) -> str:
-        entry = doc.get("disks", {}).get(disk)
-        if entry is None or entry.get("state", "ready") != "ready":
+        entry = state_doc.disk(doc, disk)
+        if entry is None or not entry.ready:
             raise UserError(f"no disk named {disk!r} (see `nvmetctl disk list`)")
-        return entry["pool"]
+        return entry.pool
 
     # ------------------------------------------------------------------ reconcile
     def _devices(self, doc: dict[str, Any]) -> dict[str, str]:
@@ -216,9 +217,9 @@ class Manager:
         attached = {d for vm in doc.get("vms", {}).values() for d in vm.get("attachments", {})}
         for disk in sorted(disks - attached):
             self._device_paths.pop(disk, None)
-            entry = doc.get("disks", {}).get(disk)
-            if entry is not None and entry.get("state", "ready") == "ready":
-                pool = self._pool(entry["pool"])
+            entry = state_doc.disk(doc, disk)
+            if entry is not None and entry.ready:
+                pool = self._pool(entry.pool)
                 if pool.info(disk).attached:
                     pool.detach(disk)
 
@@ -226,9 +227,9 @@ class Manager:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
         attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
         by_pool: dict[str, list[str]] = {}  # each pool's ledger read and written once, not once per disk
-        for disk, entry in doc.get("disks", {}).items():
-            if disk not in attached and entry.get("state", "ready") == "ready":
-                by_pool.setdefault(entry["pool"], []).append(disk)
+        for disk, entry in state_doc.disks(doc).items():
+            if disk not in attached and entry.ready:
+                by_pool.setdefault(entry.pool, []).append(disk)
         for name, disks in by_pool.items():
             pool = self._pool(name)
             ledger = pool.ledger.load()
@@ -253,13 +254,13 @@ class Manager:
         validate.safe_name(name, "disk name")
         with self.lock:
             with self.store.transaction() as doc:
-                existing = doc.get("disks", {}).get(name)
-                if existing is not None and existing.get("state", "ready") == "ready":
-                    if existing["pool"] != pool:
-                        raise UserError(f"disk {name!r} exists already, on pool {existing['pool']!r}")
+                existing = state_doc.disk(doc, name)
+                if existing is not None and existing.ready:
+                    if existing.pool != pool:
+                        raise UserError(f"disk {name!r} exists already, on pool {existing.pool!r}")
                     return self.disk_info(name)  # a retried create returns the same disk
                 self._pool(pool)  # the pool must exist before anything is journalled
-                doc.setdefault("disks", {})[name] = {"pool": pool, "state": "creating"}
+                doc.setdefault("disks", {})[name] = _disk_entry(pool, DiskState.CREATING)
             crash_point("create.after_journal")
             backend = self._pool(pool)
             try:
@@ -272,7 +273,7 @@ class Manager:
                 raise
             crash_point("create.after_volume")
             with self.store.transaction() as doc:
-                doc["disks"][name] = {"pool": pool, "state": "ready"}
+                doc["disks"][name] = _disk_entry(pool, DiskState.READY)
             return self.disk_info(name)
 
     def disk_info(self, name: str) -> dict[str, Any]:
@@ -285,8 +286,8 @@ class Manager:
         return data
 
     def list_disks(self) -> list[dict[str, Any]]:
-        disks = self.store.load().get("disks", {})
-        return [self.disk_info(n) for n in sorted(disks) if disks[n].get("state", "ready") == "ready"]
+        disks = state_doc.disks(self.store.load())
+        return [self.disk_info(n) for n in sorted(disks) if disks[n].ready]
 
     @recorded("delete")
     def delete_disk(self, name: str) -> None:
@@ -298,7 +299,7 @@ class Manager:
                 users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
-                doc["disks"][name]["state"] = "deleting"
+                doc["disks"][name]["state"] = DiskState.DELETING.value
             crash_point("delete.after_journal")
             self._finish_delete(name, pool)
 
@@ -316,11 +317,11 @@ class Manager:
     def _finish_journal(self) -> list[str]:
         """Roll back creates and finish deletes that a crash interrupted."""
         done = []
-        for name, entry in list(self.store.load().get("disks", {}).items()):
-            state = entry.get("state", "ready")
-            if state in ("creating", "deleting"):
-                self._finish_delete(name, entry["pool"])
-                done.append(f"disk {name}: {'rolled back create' if state == 'creating' else 'finished delete'}")
+        for name, entry in state_doc.disks(self.store.load()).items():
+            if not entry.ready:
+                self._finish_delete(name, entry.pool)
+                done.append(f"disk {name}: "
+                            f"{'rolled back create' if entry.state is DiskState.CREATING else 'finished delete'}")
         return done
 
     @recorded("resize")
@@ -360,7 +361,7 @@ class Manager:
             if new_name not in set(backend.volumes()):
                 backend.clone(name, snap, new_name)
             with self.store.transaction() as doc:
-                doc.setdefault("disks", {})[new_name] = {"pool": pool}
+                doc.setdefault("disks", {})[new_name] = _disk_entry(pool, DiskState.READY)
             return self.disk_info(new_name)
 
     # ------------------------------------------------------------------ VMs
@@ -598,6 +599,11 @@ class Manager:
                 log.info("%s", line)
         crash_point("boot.after_journal")
         return self.reconcile(wait=wait)
+
+
+def _disk_entry(pool: str, state: DiskState) -> dict[str, Any]:
+    """A disk as stored (nvmetd.state_doc.Disk): every writer records its state."""
+    return state_doc.Disk(pool=pool, state=state).model_dump(mode="json")
 
 
 def _disconnect_host(vm: Vm) -> None:
