@@ -178,12 +178,12 @@ class Manager:
             self.last_result = result
             return result
 
-    def _reconcile_vm(self, vm_name: str, before: Vm | None) -> ApplyResult:
+    def _reconcile_vm(self, vm_name: str, before: Vm | None, doc: dict[str, Any] | None = None) -> ApplyResult:
         """After one VM's attach or detach: plan, read and activate only what that VM has (nvmetd/vm_scope.py).
 
         Anything short of convergence falls back to the full reconcile, so a failure is reported (and repaired)
-        exactly as before."""
-        doc = self.store.load()
+        exactly as before. `doc`: the document the caller's transaction just saved (not parsed again)."""
+        doc = self.store.load() if doc is None else doc
         raw = doc.get("vms", {}).get(vm_name)
         vm = Vm.model_validate(raw) if raw is not None else before
         if vm is None or "kernel" in (vm.vhost_backend(), before.vhost_backend() if before else None):
@@ -427,7 +427,7 @@ class Manager:
                     vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
-            result = self._reconcile_vm(vm_name, before)
+            result = self._reconcile_vm(vm_name, before, doc)
             crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
             bad = [s for s in result.objects.values() if s.status in NOT_THERE]
@@ -435,7 +435,7 @@ class Manager:
                 where = "the vhost engine" if chosen == "vhost" and backend == "engine" else "the kernel"
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
-            return self._attach_result(vm_name, disk, why, memory)
+            return self._attach_result(vm_name, disk, why, memory, doc)
 
     @staticmethod
     def _check_kernel_vhost_mix(vm: Vm, disk: str, transport: str, backend: str) -> None:
@@ -470,8 +470,9 @@ class Manager:
                 f.write(vm.dhchap_key)
         return path
 
-    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None) -> AttachResult:
-        doc = self.store.load()
+    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None,
+                       doc: dict[str, Any] | None = None) -> AttachResult:
+        doc = self.store.load() if doc is None else doc
         vm = Vm.model_validate(doc["vms"][vm_name])
         att = vm.attachments[disk]
         if att.transport == "vhost":
@@ -547,7 +548,7 @@ class Manager:
             if removed is not None and removed.transport == "loop" and not any(
                     a.transport == "loop" for a in vm.attachments.values()):
                 _disconnect_host(vm)
-            result = self._reconcile_vm(vm_name, before)
+            result = self._reconcile_vm(vm_name, before, doc)
             return {"vm": vm_name, "disk": disk, "detached": removed is not None, "converged": result.converged}
 
     def list_vms(self) -> list[dict[str, Any]]:
