@@ -48,17 +48,21 @@ class StateStore:
     # --- reading ---
     def load(self) -> dict[str, Any]:
         """The current document (a fresh empty one if none was ever written)."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[dict[str, Any], str | None]:
+        """The document and the text it was parsed from (None: no file yet)."""
         try:
             raw = self.path.read_text()
         except FileNotFoundError:
-            return self._empty()
+            return self._empty(), None
         try:
             doc = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise StoreError(f"{self.path} is not valid JSON ({exc}); refusing to overwrite it") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
             raise StoreError(f"{self.path} has an unknown format {doc.get('format') if isinstance(doc, dict) else '?'}")
-        return doc
+        return doc, raw
 
     def target(self) -> TargetState:
         return parse_state(self.load().get("target", {}))
@@ -98,10 +102,13 @@ class StateStore:
             if outer is not None:
                 yield outer
                 return
-            doc = self.load()
+            doc, raw = self._read()
             # the serialised form, not a deep copy, is the "before": json's C encoder is an order of magnitude
-            # faster than copy.deepcopy, and this runs on every change of a document that grows with the host
-            before = _serialise(doc)
+            # faster than copy.deepcopy, and this runs on every change of a document that grows with the host.
+            # A file this class wrote is that form already, marked by its one newline at the end; any other (an
+            # earlier version's indented file, one written by hand) is serialised here, so reading changes nothing.
+            own = raw is not None and raw.endswith("\n") and "\n" not in raw[:-1]
+            before = raw[:-1] if own else _serialise(doc)
             generation = doc["generation"]
             self._held.doc = doc
             try:
@@ -123,7 +130,7 @@ class StateStore:
             return doc["generation"]
 
     def _write(self, doc: dict[str, Any]) -> None:
-        data = _serialise(doc).encode()
+        data = (_serialise(doc) + "\n").encode()  # the newline marks the file as written here (transaction)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             os.fchmod(fd, 0o600)
