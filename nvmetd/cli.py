@@ -104,12 +104,14 @@ def _read_json(path: str) -> Any:
 
 def _result_text(result: dict[str, Any]) -> str:
     """An apply result (ApplyResult.to_dict(), as the API sends it) for people."""
+    from target.status import ORDER as STATUS_ORDER  # a bare StrEnum; here, not at start-up (no target/ at --help)
+    from target.status import Status
+
     objects = result.get("objects", {})
     lines = [f"{st['status']:8} {st['object']}" + (f": {st['reason']}" if st.get("reason") else "")
-             for _path, st in sorted(objects.items()) if st["status"] != "ok"]
+             for _path, st in sorted(objects.items()) if st["status"] != Status.OK]
     counts = Counter(st["status"] for st in objects.values())
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("ok", "changed", "removed", "pending", "failed", "skipped")
-                        if counts[s])
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
     lines.append(f"{'converged' if result['converged'] else 'NOT converged'}: {summary or 'nothing to do'}; "
                  f"{result['writes']} configfs changes")
     return "\n".join(lines)

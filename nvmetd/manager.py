@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmetd import initiator, throttle, vm_scope
+from nvmetd import initiator, state_doc, throttle, vm_scope
 from nvmetd import tls as tls_psk
 from nvmetd.changelog import ChangeLog, recorded
 from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.opi import state as opi_state
 from nvmetd.qmp import node_name as qmp_node_name
+from nvmetd.state_doc import DiskState
 from nvmetd.tls_keys import TlsKeys
 from nvmetd.tls_keys import key_file as tls_key_file
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
@@ -32,6 +33,7 @@ from target.features import load_modules
 from target.model import TargetState, parse_state
 from target.restore import SystemReadiness, restore
 from target.scope import ScopedLiveTree
+from target.status import NOT_THERE
 from target.store import StateStore, set_target
 
 log = logging.getLogger("nvmetd.manager")
@@ -109,30 +111,36 @@ class Manager:
         return _pools().open_pool(name, self.pools_root)
 
     def _disk_pool(self, doc: dict[str, Any], disk: str) -> str:
-        entry = doc.get("disks", {}).get(disk)
-        if entry is None or entry.get("state", "ready") != "ready":
+        entry = state_doc.disk(doc, disk)
+        if entry is None or not entry.ready:
             raise UserError(f"no disk named {disk!r} (see `nvmetctl disk list`)")
-        return entry["pool"]
+        return entry.pool
 
     # ------------------------------------------------------------------ reconcile
     def _devices(self, doc: dict[str, Any]) -> dict[str, str]:
         """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
+        by_pool: dict[str, list[str]] = {}  # one ledger transaction per pool, not one per disk
+        wanted = [d for vm in self._vms(doc).values() for d in vm.attachments] + list(opi_state.disks(doc))
+        for disk in dict.fromkeys(wanted):
+            by_pool.setdefault(self._disk_pool(doc, disk), []).append(disk)
         devices: dict[str, str] = {}
+        for pool, disks in by_pool.items():
+            devices.update(self._pool(pool).attach_many(disks))
         for vm in self._vms(doc).values():
             for disk, att in vm.attachments.items():
-                if disk not in devices:
-                    devices[disk] = self._activate(doc, disk, att)
-        for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
-            if disk not in devices:
-                devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+                devices[disk] = self._throttled(doc, disk, att, devices[disk])
         self._device_paths = dict(devices)
         return devices
 
     def _activate(self, doc: dict[str, Any], disk: str, att: Attachment) -> str:
-        """The volume, activated. A disk the kernel target serves (loop, tcp, rdma, kernel vhost) and that has
-        limits is served through its own throttled device (nvmetd/throttle.py): nvmet's bios are limited there,
-        whoever submits them. The engine limits in its own token bucket instead (engine_specs)."""
-        device = self._pool(self._disk_pool(doc, disk)).attach(disk)
+        """The volume, activated (and throttled where it has limits)."""
+        return self._throttled(doc, disk, att, self._pool(self._disk_pool(doc, disk)).attach(disk))
+
+    @staticmethod
+    def _throttled(doc: dict[str, Any], disk: str, att: Attachment, device: str) -> str:
+        """A disk the kernel target serves (loop, tcp, rdma, kernel vhost) and that has limits is served through
+        its own throttled device (nvmetd/throttle.py): nvmet's bios are limited there, whoever submits them. The
+        engine limits in its own token bucket instead (engine_specs)."""
         limits = throttle.Limits.model_validate(doc["disks"][disk].get("limits", {}))
         # once made, the device stays while the disk is attached: removing the last limit changes no device path
         if att.in_kernel and (limits.per_direction() or throttle.exists(disk)):
@@ -215,12 +223,12 @@ class Manager:
             self.last_result = result
             return result
 
-    def _reconcile_vm(self, vm_name: str, before: Vm | None) -> ApplyResult:
+    def _reconcile_vm(self, vm_name: str, before: Vm | None, doc: dict[str, Any] | None = None) -> ApplyResult:
         """After one VM's attach or detach: plan, read and activate only what that VM has (nvmetd/vm_scope.py).
 
         Anything short of convergence falls back to the full reconcile, so a failure is reported (and repaired)
-        exactly as before."""
-        doc = self.store.load()
+        exactly as before. `doc`: the document the caller's transaction just saved (not parsed again)."""
+        doc = self.store.load() if doc is None else doc
         raw = doc.get("vms", {}).get(vm_name)
         vm = Vm.model_validate(raw) if raw is not None else before
         if vm is None or "kernel" in (vm.vhost_backend(), before.vhost_backend() if before else None):
@@ -257,24 +265,27 @@ class Manager:
         attached = {d for vm in doc.get("vms", {}).values() for d in vm.get("attachments", {})}
         for disk in sorted(disks - attached):
             self._device_paths.pop(disk, None)
-            entry = doc.get("disks", {}).get(disk)
-            if entry is not None and entry.get("state", "ready") == "ready":
-                if "limits" in entry:
+            entry = state_doc.disk(doc, disk)
+            if entry is not None and entry.ready:
+                if "limits" in doc["disks"][disk]:
                     throttle.release(disk)  # the throttled device sits on the volume: before closing it
-                pool = self._pool(entry["pool"])
+                pool = self._pool(entry.pool)
                 if pool.info(disk).attached:
                     pool.detach(disk)
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
         attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
-        for disk, entry in doc.get("disks", {}).items():
-            if disk not in attached and entry.get("state", "ready") == "ready":
-                if "limits" in entry:
+        by_pool: dict[str, list[str]] = {}  # each pool's ledger read and written once, not once per disk
+        for disk, entry in state_doc.disks(doc).items():
+            if disk not in attached and entry.ready:
+                if "limits" in doc["disks"][disk]:
                     throttle.release(disk)  # the throttled device sits on the volume: before closing it
-                pool = self._pool(entry["pool"])
-                if pool.info(disk).attached:
-                    pool.detach(disk)
+                by_pool.setdefault(entry.pool, []).append(disk)
+        for name, disks in by_pool.items():
+            pool = self._pool(name)
+            ledger = pool.ledger.load()
+            pool.detach_many([d for d in disks if pool.info(d, ledger).attached])
 
     # ------------------------------------------------------------------ target
     def apply_base(self, state: TargetState) -> ApplyResult:
@@ -295,13 +306,13 @@ class Manager:
         validate.safe_name(name, "disk name")
         with self.lock:
             with self.store.transaction() as doc:
-                existing = doc.get("disks", {}).get(name)
-                if existing is not None and existing.get("state", "ready") == "ready":
-                    if existing["pool"] != pool:
-                        raise UserError(f"disk {name!r} exists already, on pool {existing['pool']!r}")
+                existing = state_doc.disk(doc, name)
+                if existing is not None and existing.ready:
+                    if existing.pool != pool:
+                        raise UserError(f"disk {name!r} exists already, on pool {existing.pool!r}")
                     return self.disk_info(name)  # a retried create returns the same disk
                 self._pool(pool)  # the pool must exist before anything is journalled
-                doc.setdefault("disks", {})[name] = {"pool": pool, "state": "creating"}
+                doc.setdefault("disks", {})[name] = _disk_entry(pool, DiskState.CREATING)
             crash_point("create.after_journal")
             backend = self._pool(pool)
             try:
@@ -314,7 +325,7 @@ class Manager:
                 raise
             crash_point("create.after_volume")
             with self.store.transaction() as doc:
-                doc["disks"][name] = {"pool": pool, "state": "ready"}
+                doc["disks"][name] = _disk_entry(pool, DiskState.READY)
             return self.disk_info(name)
 
     def set_limits(self, name: str, changes: dict[str, int | None]) -> dict[str, Any]:
@@ -348,8 +359,8 @@ class Manager:
         return data
 
     def list_disks(self) -> list[dict[str, Any]]:
-        disks = self.store.load().get("disks", {})
-        return [self.disk_info(n) for n in sorted(disks) if disks[n].get("state", "ready") == "ready"]
+        disks = state_doc.disks(self.store.load())
+        return [self.disk_info(n) for n in sorted(disks) if disks[n].ready]
 
     @recorded("delete")
     def delete_disk(self, name: str) -> None:
@@ -361,7 +372,7 @@ class Manager:
                 users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
-                doc["disks"][name]["state"] = "deleting"
+                doc["disks"][name]["state"] = DiskState.DELETING.value
             crash_point("delete.after_journal")
             self._finish_delete(name, pool)
 
@@ -379,11 +390,11 @@ class Manager:
     def _finish_journal(self) -> list[str]:
         """Roll back creates and finish deletes that a crash interrupted."""
         done = []
-        for name, entry in list(self.store.load().get("disks", {}).items()):
-            state = entry.get("state", "ready")
-            if state in ("creating", "deleting"):
-                self._finish_delete(name, entry["pool"])
-                done.append(f"disk {name}: {'rolled back create' if state == 'creating' else 'finished delete'}")
+        for name, entry in state_doc.disks(self.store.load()).items():
+            if not entry.ready:
+                self._finish_delete(name, entry.pool)
+                done.append(f"disk {name}: "
+                            f"{'rolled back create' if entry.state is DiskState.CREATING else 'finished delete'}")
         return done
 
     @recorded("resize")
@@ -423,7 +434,7 @@ class Manager:
             if new_name not in set(backend.volumes()):
                 backend.clone(name, snap, new_name)
             with self.store.transaction() as doc:
-                doc.setdefault("disks", {})[new_name] = {"pool": pool}
+                doc.setdefault("disks", {})[new_name] = _disk_entry(pool, DiskState.READY)
             return self.disk_info(new_name)
 
     # ------------------------------------------------------------------ VMs
@@ -468,9 +479,6 @@ class Manager:
                 for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
                     if other != vm_name and disk in entry.get("attachments", {}):
                         raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
-                for other in self._vms(doc).values():
-                    if other.name != vm_name and disk in other.attachments:
-                        raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
                 if disk in opi_state.disks(doc):
                     raise UserError(f"disk {disk!r} is the volume of {opi_state.disks(doc)[disk][0]} (OPI API)")
                 current = vm.attachments.get(disk)
@@ -505,15 +513,15 @@ class Manager:
                     vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend, tls=tls)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
-            result = self._reconcile_vm(vm_name, before)
+            result = self._reconcile_vm(vm_name, before, doc)
             crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
-            bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
+            bad = [s for s in result.objects.values() if s.status in NOT_THERE]
             if bad:
                 where = "the vhost engine" if chosen == "vhost" and backend == "engine" else "the kernel"
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
-            return self._attach_result(vm_name, disk, why, memory)
+            return self._attach_result(vm_name, disk, why, memory, doc)
 
     @staticmethod
     def _check_kernel_vhost_mix(vm: Vm, disk: str, transport: str, backend: str) -> None:
@@ -557,8 +565,9 @@ class Manager:
                 f.write(vm.dhchap_key)
         return path
 
-    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None) -> AttachResult:
-        doc = self.store.load()
+    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None,
+                       doc: dict[str, Any] | None = None) -> AttachResult:
+        doc = self.store.load() if doc is None else doc
         vm = Vm.model_validate(doc["vms"][vm_name])
         att = vm.attachments[disk]
         if att.transport == "vhost":
@@ -660,7 +669,7 @@ class Manager:
             if removed is not None and removed.transport == "loop" and not any(
                     a.transport == "loop" for a in vm.attachments.values()):
                 _disconnect_host(vm)
-            result = self._reconcile_vm(vm_name, before)
+            result = self._reconcile_vm(vm_name, before, doc)
             return {"vm": vm_name, "disk": disk, "detached": removed is not None, "converged": result.converged}
 
     def list_vms(self) -> list[dict[str, Any]]:
@@ -714,6 +723,11 @@ class Manager:
                 log.info("%s", line)
         crash_point("boot.after_journal")
         return self.reconcile(wait=wait)
+
+
+def _disk_entry(pool: str, state: DiskState) -> dict[str, Any]:
+    """A disk as stored (nvmetd.state_doc.Disk): every writer records its state."""
+    return state_doc.Disk(pool=pool, state=state).model_dump(mode="json")
 
 
 def _disconnect_host(vm: Vm) -> None:

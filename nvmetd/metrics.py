@@ -14,10 +14,11 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from target.status import CONVERGED
+
 # /sys/block/<dev>/stat fields (Documentation/block/stat.rst); sectors are always 512 bytes there
 _STAT_FIELDS = {"read_ios": 0, "read_sectors": 2, "read_ticks_ms": 3, "write_ios": 4, "write_sectors": 6,
                 "write_ticks_ms": 7}
-_CONVERGED = ("ok", "changed", "removed")
 
 
 def block_stats(device: str) -> dict[str, int] | None:
@@ -81,7 +82,7 @@ class _Collector:
         reconcile = status["reconcile"]
         if reconcile:
             for key, st in sorted(reconcile["objects"].items()):
-                converged.add_metric([key, st["status"]], 1 if st["status"] in _CONVERGED else 0)
+                converged.add_metric([key, st["status"]], 1 if st["status"] in CONVERGED else 0)
         yield converged
         last = GaugeMetricFamily("nvmetd_reconcile_converged", "1 if the last reconcile converged (absent before "
                                  "the first one)")
