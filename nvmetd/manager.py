@@ -602,9 +602,7 @@ class Manager:
         with self.lock:
             with self.store.transaction() as doc:
                 vms = doc.get("vms", {})
-                if vm_name not in vms:
-                    raise UserError(f"vm: no VM named {vm_name!r}")
-                vm = Vm.model_validate(vms[vm_name])
+                vm = _stored_vm(vms, vm_name)
                 if not any(a.tls for a in vm.attachments.values()):
                     raise UserError(f"vm: VM {vm_name!r} has no disk attached with TLS")
                 vm.tls_psk = tls_psk.generate_psk()
@@ -659,9 +657,7 @@ class Manager:
         with self.lock:
             with self.store.transaction() as doc:
                 vms = doc.get("vms", {})
-                if vm_name not in vms:
-                    raise UserError(f"no VM named {vm_name!r}")
-                before = Vm.model_validate(vms[vm_name])
+                before = _stored_vm(vms, vm_name)
                 vm = before.model_copy(deep=True)
                 removed = vm.attachments.pop(disk, None)
                 vms[vm_name] = vm.model_dump()
@@ -734,3 +730,10 @@ def _disconnect_host(vm: Vm) -> None:
     import subprocess
 
     subprocess.run(["nvme", "disconnect", "-n", vm.subnqn], capture_output=True, check=False)
+
+
+def _stored_vm(vms: dict[str, Any], name: str) -> Vm:
+    """The VM of that name in the stored document, validated; a user error if there is none."""
+    if name not in vms:
+        raise UserError(f"no VM named {name!r}")
+    return Vm.model_validate(vms[name])
