@@ -60,7 +60,7 @@ bench-attach: $(STAMP)
 # host CPU per I/O and IOPS of one guest job: local vhost-nvme vs offload to the software DPU vs NVMe/TCP from the host
 BENCH_OFFLOAD_ARGS ?=
 bench-offload: $(STAMP)
-	.venv/bin/python -m rig -- .venv/bin/python -m nvmetd.opi.bench_offload $(BENCH_OFFLOAD_ARGS)
+	.venv/bin/python -m rig -- .venv/bin/python -m bench.offload $(BENCH_OFFLOAD_ARGS)
 
 # nvmetctl start-up and an attach round trip with 1,000 VMs on a fake configfs tree (host, no kernel)
 bench-cli: $(STAMP)

@@ -9,7 +9,7 @@ host* = every CPU's busy time (/proc/stat) during the job minus the DPU cgroup's
 guest driver plays QEMU + guest); kernel threads are listed by name (nvmetd/opi/cpu_split.py). The DPU's kernel
 work (nvme-tcp initiator kworkers, softirqs) is charged to no cgroup, so in this one-kernel simulation it lands on
 the host's side: the offload figure is an upper bound for what a real DPU leaves on the host.
-Run as root in the rig: `python -m rig -- .venv/bin/python -m nvmetd.opi.bench_offload`.
+Run as root in the rig: `python -m rig -- .venv/bin/python -m bench.offload`.
 """
 
 from __future__ import annotations
@@ -81,14 +81,14 @@ def device_job(dev: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nvmetd.opi.bench_offload", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.offload", description=__doc__)
     parser.add_argument("--count", type=int, default=2000, help="write+read pairs per run (4 KiB, QD1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or not Path("/sys/kernel/config/nvmet").is_dir():
         subprocess.run(["modprobe", "-a", "nvmet", "nvmet-tcp", "nvme-tcp"], check=False, capture_output=True)
         if not Path("/sys/kernel/config/nvmet").is_dir():
-            print("bench_offload: needs root and nvmet (run it in the rig: python -m rig -- ...)", file=sys.stderr)
+            print("bench.offload: needs root and nvmet (run it in the rig: python -m rig -- ...)", file=sys.stderr)
             return 3
     base = Path(tempfile.mkdtemp(prefix="bo-", dir="/run" if Path("/run").is_dir() else None))
     run = Path(tempfile.mkdtemp(prefix="bo-", dir="/tmp"))
