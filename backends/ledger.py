@@ -27,7 +27,7 @@ def _empty() -> dict[str, Any]:
 
 class Ledger:
     def __init__(self, state_dir: Path) -> None:
-        self._file = StateStore(Path(state_dir) / LEDGER_FILE, empty=_empty)
+        self._file = StateStore(Path(state_dir) / LEDGER_FILE, empty=_empty, sections=SECTIONS)
         self.path = self._file.path
 
     def load(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from target.restore import SystemReadiness, restore
 from target.scope import ScopedLiveTree
 from target.status import NOT_THERE
 from target.store import StateStore, set_target
+from target.tracked import committed_rows
 
 log = logging.getLogger("nvmetd.manager")
 
@@ -262,7 +263,7 @@ class Manager:
 
     def _release(self, doc: dict[str, Any], disks: set[str]) -> None:
         """Close the volumes of these disks if no VM uses them any more (the end of a detach)."""
-        attached = {d for vm in doc.get("vms", {}).values() for d in vm.get("attachments", {})}
+        attached = {d for _, vm in committed_rows(doc.get("vms", {})) for d in vm.get("attachments", {})}
         for disk in sorted(disks - attached):
             self._device_paths.pop(disk, None)
             entry = state_doc.disk(doc, disk)
@@ -476,7 +477,7 @@ class Manager:
                 vm = before.model_copy(deep=True) if before is not None else new_vm(vm_name, vm_uuid)
                 if vm_uuid and vm.uuid != validate.uuid_str(vm_uuid):
                     raise UserError(f"VM {vm_name!r} exists with UUID {vm.uuid}, not {vm_uuid}")
-                for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
+                for other, entry in committed_rows(vms):  # read, not copied or validated per VM on the host
                     if other != vm_name and disk in entry.get("attachments", {}):
                         raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
                 if disk in opi_state.disks(doc):

@@ -12,12 +12,13 @@ from typing import Any
 
 from nvmetd.vms import KERNEL_TRANSPORTS, Ports, Vm, compose
 from target.model import TargetState
+from target.tracked import committed_rows
 
 
 def transports_in_use(doc: dict[str, Any]) -> set[str]:
     """nvmetd ports (a kernel transport, or `tls` for the TLS port) any VM of the stored state has a disk on (a
     walk of the stored dicts, no validation)."""
-    return {"tls" if a.get("tls") else a.get("transport") for vm in doc.get("vms", {}).values()
+    return {"tls" if a.get("tls") else a.get("transport") for _, vm in committed_rows(doc.get("vms", {}))
             for a in vm.get("attachments", {}).values()} & {*KERNEL_TRANSPORTS, "tls"}
 
 

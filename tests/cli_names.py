@@ -25,6 +25,7 @@ from nvmetd.cli import main as nvmetctl
 from target import validate
 from target.configfs import ConfigFS
 from target.live import read_state
+from target.store import read_document
 from tests import api_fuzz
 
 N = "\0NAME\0"  # the placeholder a generated name replaces in a command template
@@ -112,7 +113,7 @@ class Snapshot:
 
 
 def snapshot(state: Path, cfs: ConfigFS, pools_root: Path, keys_dir: Path) -> Snapshot:
-    doc = json.loads(state.read_text())
+    doc = read_document(state) or {}
     doc.pop("generation", None)
     volumes: dict[str, Any] = {}
     for pool_name in pools.list_pools(pools_root):

@@ -15,6 +15,7 @@ import pytest
 from backends import pools
 from target.configfs import NVMET_ROOT, ConfigFS
 from target.live import read_state
+from target.store import read_document
 from tests.kernel.service_fixture import Daemon
 
 pytestmark = pytest.mark.kernel
@@ -114,10 +115,10 @@ def test_apply_goes_through_nvmetd_and_offline_waits_for_it_to_stop(cfs: ConfigF
         daemon.stop()
 
     # stopped: --offline works, under the same store (generation + 1) and on the same tree
-    generation = json.loads(daemon.state.read_text())["generation"]
+    generation = read_document(daemon.state)["generation"]
     proc, _ = _audited(daemon, scratch / "offline.json", "--offline", "apply", str(two))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(daemon.state.read_text())["generation"] == generation + 1
+    assert read_document(daemon.state)["generation"] == generation + 1
     assert [n.nsid for n in read_state(cfs).subsystem(SUB).namespaces] == [1, 2]
     # and without --offline, the CLI says the daemon is not there (exit 3, one line)
     proc = daemon.ctl("status", check=False)

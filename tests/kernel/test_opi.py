@@ -23,6 +23,7 @@ from nvmetd.opi.stubs import frontend_nvme_pb2 as fpb
 from nvmetd.opi.stubs import frontend_nvme_pb2_grpc as fgrpc
 from nvmetd.opi.stubs import opicommon_pb2 as common
 from target.configfs import ConfigFS
+from target.store import read_document
 from tests.kernel import hostside
 from tests.kernel.opi_world import OpiWorld
 from tests.kernel.service_fixture import Daemon
@@ -71,12 +72,12 @@ def test_opi_remote_path_reexported_end_to_end(daemon: Daemon, cfs: ConfigFS) ->
     # the backend path, through libnvme; a path to where nothing listens is refused and changes nothing
     rc = storage.NvmeRemoteController(multipath=bpb.NVME_MULTIPATH_DISABLE, hdgst=False, ddgst=False)
     rc.create(addr)
-    before = daemon.state.read_text()
+    before = read_document(daemon.state)
     nowhere = storage.NvmeTcpPath(rc, ip="127.0.0.1", port=4469, subnqn=STORAGE_NQN, hostnqn=DPU_HOST)
     with pytest.raises(grpc.RpcError) as err:
         nowhere.create(addr)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
-    assert daemon.state.read_text() == before and not hostside.controllers(STORAGE_NQN)
+    assert read_document(daemon.state) == before and not hostside.controllers(STORAGE_NQN)
     path = storage.NvmeTcpPath(rc, ip="127.0.0.1", port=4460, subnqn=STORAGE_NQN, hostnqn=DPU_HOST)
     assert path.create(addr).fabrics.subnqn == STORAGE_NQN
     assert len(hostside.controllers(STORAGE_NQN, "tcp")) == 1

@@ -34,6 +34,7 @@ from nvmetd.opi import cpu_split
 from nvmetd.opi.offload import EXPORT_PREFIX
 from nvmetd.opi.softdpu import CGROUP, DPU_HOSTNQN, HOST_IP
 from target.configfs import ConfigFS
+from target.store import read_document
 from tests.kernel import hostside
 from tests.kernel.opi_world import OpiWorld
 from vhost_nvme.guest import GuestDriver
@@ -196,11 +197,11 @@ def test_offload_vm_disk_through_software_dpu(opi_world: OpiWorld, cfs: ConfigFS
         guest.g.close()
 
     dpu.wait_ready()
-    state = (dpu.base / "state.json").read_text()
+    state = read_document(dpu.base / "state.json")
     with pytest.raises(grpc.RpcError) as err:  # the restarted DPU kept its objects; a duplicate changes nothing
         storage.NvmeSubsystem(nqn=res["subsystem_nqn"]).create(f"unix:{dpu.opi}")
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert (dpu.base / "state.json").read_text() == state
+    assert read_document(dpu.base / "state.json") == state
     out = host.ctl_json("detach", "vm1", "vmdisk")
     assert out["detached"]
     assert not any(s.startswith(EXPORT_PREFIX) for s in cfs.listdir("subsystems"))

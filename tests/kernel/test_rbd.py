@@ -21,6 +21,7 @@ from backends.pools import list_pools
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import parse_state
+from target.store import stored_files
 from tests.conftest import wipe
 from tests.kernel import hostside
 from tests.kernel.backend_rig import MIB, Loops, contains, device_size, need, write_direct
@@ -228,8 +229,8 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
             daemon.ctl("detach", "vm1", disk, check=False)
         daemon.stop()
     secret = _secret(ceph.keyring)
-    texts = {"answers": "\n".join(answers), "log": daemon.log_text(), "state": daemon.state.read_text(),
-             "ledger": (pool_root / "ceph" / "ledger.json").read_text()}
+    stored = [*stored_files(daemon.state), *stored_files(pool_root / "ceph" / "ledger.json")]  # base + journal
+    texts = {"answers": "\n".join(answers), "log": daemon.log_text(), **{str(p): p.read_text() for p in stored}}
     for where, text in texts.items():
         assert secret not in text, f"the ceph key appears in the {where}"
     pool.delete_snapshot("vm1-root", "s1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -14,7 +13,7 @@ from backends import pools
 from nvmetd.vms import SUBSYSTEM_PREFIX
 from target.configfs import ConfigFS
 from target.live import read_state
-from target.store import StateStore
+from target.store import StateStore, read_document
 from tests import contention
 from tests.kernel import hostside
 from tests.kernel.service_fixture import Daemon
@@ -162,7 +161,7 @@ def test_kill9_at_random_points_converges(daemon: Daemon, cfs: ConfigFS) -> None
     # the real service starts on what the kills left behind: journal finished, kernel reconciled
     daemon.start(restore_timeout=10)
     assert daemon.request("POST", "/v1/reconcile").json()["converged"]
-    doc = json.loads(daemon.state.read_text())
+    doc = read_document(daemon.state)
     stored = set(doc.get("disks", {}))
     assert all(e.get("state", "ready") == "ready" for e in doc.get("disks", {}).values())
     volumes = set(pools.open_pool("files", daemon.pools_root).volumes())

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends import pools
 from target.configfs import NVMET_ROOT, ConfigFS
+from target.store import read_document
 from tests.conftest import _unavailable, wipe
 from tests.kernel import hostside
 from tests.kernel.service_fixture import Daemon
@@ -297,7 +298,7 @@ def test_sighup_reloads_ports_and_keeps_old_config_when_broken(svc: Service) -> 
         moved = _wait("the tcp port to move", lambda: _tcp_port() == (str(FIRST_TCP_PORT + 1),
                                                                        [att["subsystem_nqn"]]))
         assert moved
-        assert json.loads(d.state.read_text())["ports"]["tcp_port"] == str(FIRST_TCP_PORT + 1)
+        assert read_document(d.state)["ports"]["tcp_port"] == str(FIRST_TCP_PORT + 1)
         # the kernel serves on the new port: the VM's identity connects there
         key = Path(att["dhchap_key_file"]).read_text()
         hostside.connect("tcp", att["subsystem_nqn"], att["host_nqn"], "127.0.0.1", str(FIRST_TCP_PORT + 1),
@@ -318,7 +319,7 @@ def test_sighup_reloads_ports_and_keeps_old_config_when_broken(svc: Service) -> 
             assert d.request("GET", "/v1/status").status_code == 200
             assert d.request("POST", "/v1/reconcile").json()["converged"]
             assert _tcp_port() == (str(FIRST_TCP_PORT + 1), [att["subsystem_nqn"]])
-            assert json.loads(d.state.read_text())["ports"]["tcp_port"] == str(FIRST_TCP_PORT + 1)
+            assert read_document(d.state)["ports"]["tcp_port"] == str(FIRST_TCP_PORT + 1)
         errors = [line for line in d.log_text().splitlines() if "keeping the old configuration" in line]
         print("reload errors as logged:\n  " + "\n  ".join(errors))
         assert "Traceback" not in d.log_text()
