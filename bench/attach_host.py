@@ -83,14 +83,11 @@ def export_ref(ref: str, into: Path) -> Path | None:
 
 
 def measure(tree: Path, vms: int, per_vm: int, runs: int, scratch: Path) -> dict:
-    script = tree / ".bench_attach_host_child.py"
+    script = scratch / "child.py"  # outside the tree: nothing written there, and its folder shadows no module
     script.write_text(CHILD)
-    try:
-        proc = subprocess.run([sys.executable, str(script), str(vms), str(per_vm), str(runs), str(scratch)],
-                              capture_output=True, text=True, cwd=tree, check=False,
-                              env={**os.environ, "PYTHONPATH": str(tree)})
-    finally:
-        script.unlink()
+    proc = subprocess.run([sys.executable, str(script), str(vms), str(per_vm), str(runs), str(scratch)],
+                          capture_output=True, text=True, cwd=tree, check=False,
+                          env={**os.environ, "PYTHONPATH": str(tree)})
     if proc.returncode != 0:
         raise SystemExit(f"measuring {tree} at {vms} VMs failed: {proc.stderr.strip()[-600:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
