@@ -228,3 +228,16 @@ def test_two_processes_lose_no_update(tmp_path: Path) -> None:
     doc = store.load()
     assert len(doc["vms"]) == 180 and doc["generation"] == 180
     assert read_document(path) == doc
+
+
+def test_a_typed_transaction_with_untyped_sections_is_saved(tmp_path: Path) -> None:
+    """nvmetd.state_doc's typed transaction changing a value pydantic keeps untyped (offload entries): saved,
+    and the committed document is not changed behind the store's back."""
+    from nvmetd import state_doc
+
+    store = StateStore(tmp_path / "state.json")
+    with store.transaction() as doc:
+        doc["offload"] = {"vm1": {"dpu": {"endpoint": "a"}}}
+    with state_doc.transaction(store) as typed:
+        typed.offload["vm1"]["dpu"]["endpoint"] = "b"
+    assert read_document(store.path)["offload"] == {"vm1": {"dpu": {"endpoint": "b"}}} == store.load()["offload"]
