@@ -32,7 +32,6 @@ from target.configfs import ConfigFS
 from tests.conftest import _unavailable, wipe
 from tests.kernel import hostside
 from tests.kernel.service_fixture import Daemon
-from tests.kernel.test_vhost_kernel import vhost_module  # noqa: F401 (the fixture: nvmet-vhost loaded)
 from vhost_nvme.guest.driver import GuestDriver
 from vhost_nvme.kernel import KernelChannel
 
@@ -334,7 +333,7 @@ def _guest_iops(g: GuestDriver, seconds: float) -> float:
 
 
 def test_limits_on_the_kernel_vhost_back_end(daemon: Daemon, world: World, nvmet_kernel: ConfigFS,
-                                             vhost_module: None) -> None:  # noqa: F811
+                                             vhost_module: None) -> None:
     """A VM on nvmet-vhost: its namespace opens the disk's throttled device, so the same blk-throttle limit holds."""
     daemon.request("POST", "/v1/disks", {"name": "vkl", "pool": "files", "size": "32M"}).raise_for_status()
     _limits(daemon, "vkl", riops=10_000_000)  # the throttled device from the start, effectively unlimited
