@@ -190,9 +190,9 @@ CASES = [
 # there through a second trim, a trim with zfs_trim_extent_bytes_min=4096 and `zpool initialize -w`, while zdb
 # showed that metaslab 99% free on disk: space ZFS counts free that neither TRIM nor initialize reached. Not
 # understood yet, so that raw-scan claim is test_zvol_leaves_nothing_on_the_raw_vdev, in make test-long (#15).
-# The encrypted zvol's scan looks for plaintext, which its own blocks never hold (ciphertext only, checked by the
-# control above): in the shared pool it can only find the plaintext case's leftovers (seen 2026-12-02), so it
-# proves nothing about the encrypted zvol and is left out with it.
+# The encrypted zvol's scan looks for plaintext, which its own blocks never hold (ZFS native encryption: the
+# vdev holds ciphertext only): in the shared pool it can only find the plaintext case's leftovers (seen
+# 2026-12-02), so it proves nothing about the encrypted zvol and is left out with it.
 RAW_SCAN_KNOWN_GAP = {("zfs", True, False), ("zfs", True, True)}
 
 
