@@ -277,9 +277,6 @@ def no_limits(daemon: Daemon, world: World) -> Iterator[None]:
         _limits(daemon, disk, riops=0, wiops=0, rmbps=0, wmbps=0)
 
 
-# In make test-long until shown to pass in the rig: the neighbour is now measured in alternating phases of one
-# job (the old way: 0.76x on an idle machine, 0.72x with two solo runs 2x apart on a loaded one, 2026-12-02).
-@pytest.mark.long
 def test_limits_on_running_disks_loop_and_tcp(daemon: Daemon, world: World, nvmet_kernel: ConfigFS,
                                               no_limits: None) -> None:
     solo = fio(world.lim, "randread", "4k")
@@ -369,7 +366,8 @@ def test_limits_bad_input(daemon: Daemon, world: World) -> None:
     assert proc.returncode == 2 and "nope" in proc.stderr, proc.stderr
 
 
-# In make test-long until shown to pass in the rig (now on a disk of its own, independent of the other tests).
+# In make test-long until rerun in the rig: on 2026-12-02 it read blk-throttle right after the API came up, before
+# the boot reconcile (a thread of its own) had put the limit back (KeyError); it now waits for that, not yet rerun.
 @pytest.mark.long
 def test_restart_brings_back_tls_keys_and_limits(daemon: Daemon, world: World) -> None:
     """The keyring and blk-throttle live in the kernel, the PSKs and limits in nvmetd's state: a restarted nvmetd
@@ -385,7 +383,11 @@ def test_restart_brings_back_tls_keys_and_limits(daemon: Daemon, world: World) -
     assert tls.revoke(att["host_nqn"], att["subsystem_nqn"])
     daemon.start(deadline=900)
     assert daemon.request("GET", "/v1/disks/rlim").json()["limits"] == {"wiops": 70, "rmbps": 4}
-    assert throttle.current(mapper)["blkio.throttle.write_iops_device"] == 70
+    # the boot reconcile runs in its own thread after the API answers: wait for it (bounded only against a hang)
+    deadline = time.monotonic() + 300
+    while throttle.current(mapper).get("blkio.throttle.write_iops_device") != 70:
+        assert time.monotonic() < deadline, f"the limit was not put back: {throttle.current(mapper)}"
+        time.sleep(0.5)
     psk = Path(att["tls_key_file"]).read_text()
     ring, key = _host_key(psk, att["host_nqn"], att["subsystem_nqn"], "host-restarted")
     fabrics.disconnect(_connect(att, tls=True, keyring=ring, tls_key=key).name)
