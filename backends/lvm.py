@@ -5,21 +5,31 @@ earlier, deleted volume left there; volumes are discarded before removal so thei
 Compression and dedup come from VDO: each such volume is a VDO LV in its own VDO pool LV beside the thin pool (LVM
 2.03.16 cannot put a thin pool on VDO), which is why VDO volumes have no thin snapshots here.
 Thick volumes are linear LVs, zeroed (`blkdiscard --zeroout`) before they are removed.
+
+Layouts: `stripe` (the default: the PVs' capacity adds up, none is redundant) or `mirror` (raid1 over two or more
+PVs: the thin pool's data and metadata and every thick LV are raid1 LVs with one image per PV, so a VM's disk keeps
+serving when all but one drive are lost). Its redundancy comes from dm-raid (`lvs` health and sync): clean,
+recovering (a leg resyncing), degraded (a PV missing or a leg failed); `repair` brings back a PV that is present
+again under its stable path (`vgextend --restoremissing`, then `lvchange --refresh`, which reloads the raid tables
+with the returned leg and lets dm-raid resync what it missed).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, Record
 from backends.errors import BackendError, ToolError
+from backends.model import PoolStatus
 from backends.run import out, run
 
 THIN_POOL = "thinpool"
 LVS_FIELDS = "lv_name,lv_size,data_percent,metadata_percent,lv_attr,segtype,pool_lv,origin"
+LAYOUTS = ("stripe", "mirror")
 DEFAULT_VDO_PHYSICAL = 6 << 30  # VDO's index and slabs need several GiB; keep the PVs sparse
 VDO_CONFIG = "allocation/vdo_slab_size_mb=128 allocation/vdo_index_memory_size_mb=256"
 
@@ -57,19 +67,58 @@ class LvmBackend(Backend):
         percent = int(options.get("thin_pool_percent", 90))
         if not 1 <= percent <= 95:
             raise BackendError("thin_pool_percent must be 1-95 (the rest of the VG holds metadata and VDO pools)")
+        layout = options.get("layout") or "stripe"
+        if layout not in LAYOUTS:
+            raise BackendError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)} for an LVM pool")
+        if layout == "mirror" and len(devices) < 2:
+            raise BackendError("an LVM mirror needs two or more devices")
         _lvm(devices, ["pvcreate", "--yes", *devices])
         _lvm(devices, ["vgcreate", "--yes", "--physicalextentsize", "1m", vg, *devices])
         try:
-            _lvm(devices, ["lvcreate", "--yes", "--type", "thin-pool", "--extents", f"{percent}%VG", "--zero", "y",
-                           "--chunksize", "64k", "--name", THIN_POOL, vg])
+            if layout == "mirror":
+                _mirrored_thin_pool(devices, vg, percent)
+            else:
+                _lvm(devices, ["lvcreate", "--yes", "--type", "thin-pool", "--extents", f"{percent}%VG",
+                               "--zero", "y", "--chunksize", "64k", "--name", THIN_POOL, vg])
         except BackendError:
             _lvm(devices, ["vgremove", "--yes", "--force", vg], check=False)
             raise
-        return {"vg": vg, "devices": devices,
+        return {"vg": vg, "devices": devices, "layout": layout,
                 "vdo_physical": int(options.get("vdo_physical", DEFAULT_VDO_PHYSICAL))}
 
     def _lvm(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         return _lvm(self.config["devices"], argv, check)
+
+    @property
+    def mirrored(self) -> bool:
+        return self.config.get("layout") == "mirror"
+
+    def status(self) -> PoolStatus:
+        st = super().status()
+        st.layout = self.config.get("layout", "stripe")
+        if self.mirrored:
+            health = mirror_health(self.config["devices"], self.vg)
+            st.members, st.redundancy = health["members"], health["redundancy"]
+        return st
+
+    def repair(self) -> list[str]:
+        """Bring back PVs that are present again (same stable path): LVM forgets they were missing, and the raid
+        LVs' tables are reloaded (`lvchange --refresh`: the thin pool with its data and metadata, each thick LV),
+        so dm-raid takes the returned leg back and resyncs it. Returns the PVs brought back."""
+        if not self.mirrored:
+            raise BackendError(f"pool {self.name!r} is an LVM stripe: it has no redundant members to repair")
+        run(["udevadm", "settle", "--timeout", "10"], check=False)
+        back = [dev for dev, state in mirror_health(self.config["devices"], self.vg)["members"].items()
+                if state != "ONLINE" and Path(dev).exists()]
+        for dev in back:
+            self._lvm(["vgextend", "--restoremissing", self.vg, dev], check=False)  # only if LVM marked it missing
+        if back:
+            rows = _report(["lvs", "--devices", ",".join(self.config["devices"]), "-o", "lv_name,segtype",
+                            self.vg], "lv")
+            for row in rows:
+                if row["segtype"] in ("raid1", "thin-pool"):
+                    self._lvm(["lvchange", "--refresh", f"{self.vg}/{row['lv_name']}"])
+        return back
 
     @property
     def vg(self) -> str:
@@ -137,8 +186,9 @@ class LvmBackend(Backend):
             self._lvm(["lvcreate", "--yes", "--type", "thin", "--virtualsize", f"{backing_bytes}b",
                        "--thinpool", THIN_POOL, "--name", lv, self.vg])
         else:
-            self._lvm(["lvcreate", "--yes", "--type", "linear", "--size", f"{backing_bytes}b", "--name", lv,
-                       self.vg])
+            kind = ["--type", "raid1", "--mirrors", str(len(self.config["devices"]) - 1), "--nosync"] \
+                if self.mirrored else ["--type", "linear"]  # nosync: zeroed below, every leg alike
+            self._lvm(["lvcreate", "--yes", *kind, "--size", f"{backing_bytes}b", "--name", lv, self.vg])
             # a linear LV reuses extents another LV had: zero it now as well as at delete
             run(["blkdiscard", "--zeroout", self._dev(lv)])
 
@@ -225,3 +275,58 @@ class LvmBackend(Backend):
         if vol["thin"]:
             return int(size * _num(rows[0]["data_percent"]) / 100), 1.0
         return int(size), 1.0
+
+
+def _mirrored_thin_pool(devices: list[str], vg: str, percent: int) -> None:
+    """A thin pool whose data and metadata are raid1 LVs (one image per PV): `percent` of the VG is what the
+    copies take together, and the metadata gets 1/64 of the data (at least 8 MiB)."""
+    mirrors = str(len(devices) - 1)
+    size = int(_report(["vgs", "--devices", ",".join(devices), "-o", "vg_size", vg], "vg")[0]["vg_size"])
+    data = size * percent // 100 // len(devices) >> 20 << 20
+    meta = max(8 << 20, data // 64 >> 20 << 20)
+    for name, bytes_ in ((THIN_POOL, data - meta), (f"{THIN_POOL}_meta", meta)):
+        _lvm(devices, ["lvcreate", "--yes", "--type", "raid1", "--mirrors", mirrors, "--nosync",
+                       "--size", f"{bytes_}b", "--name", name, vg])
+    _lvm(devices, ["lvconvert", "--yes", "--type", "thin-pool", "--poolmetadata", f"{vg}/{THIN_POOL}_meta",
+                   "--zero", "y", "--chunksize", "64k", f"{vg}/{THIN_POOL}"])
+
+
+def _leg_health(devices: list[str], vg: str) -> dict[str, str]:
+    """dm-raid's view of each PV (by its real path): the worst health character of its legs over all raid LVs
+    (`A` alive and in sync, `a` alive and resyncing, `D` dead: a failed leg, even once the drive is back)."""
+    rows = {r["lv_name"].strip("[]"): r for r in _report(
+        ["lvs", "--all", "--devices", ",".join(devices), "-o", "lv_name,segtype,devices,lv_dm_path", vg], "lv")}
+    worst: dict[str, str] = {}
+    for row in rows.values():
+        if row["segtype"] != "raid1" or not row.get("lv_dm_path"):
+            continue
+        status = run(["dmsetup", "status", Path(row["lv_dm_path"]).name], check=False).stdout.split()
+        health = status[5] if len(status) > 5 and status[2] == "raid" else ""
+        images = [d.split("(")[0].strip("[]") for d in row["devices"].split(",") if d]
+        for image, char in zip(images, health, strict=False):
+            pv = rows.get(image, {}).get("devices", "").split("(")[0]
+            if pv.startswith("/"):
+                real = os.path.realpath(pv)
+                worst[real] = max(worst.get(real, "A"), char, key="AaD".find)
+    return worst
+
+
+def mirror_health(devices: list[str], vg: str) -> dict[str, Any]:
+    """Each PV's state and the pool's redundancy: MISSING (gone, or LVM has it missing), FAULTED (present, but
+    dm-raid failed its leg: `repair` takes it back), RESYNCING, ONLINE; the pool is `degraded` while a PV is
+    missing or faulted, `recovering` while a leg resyncs, `clean` when every leg is alive and in sync."""
+    pvs = _report(["pvs", "--devices", ",".join(devices), "-o", "pv_name,pv_missing,vg_name"], "pv")
+    present = {os.path.realpath(r["pv_name"]) for r in pvs
+               if r.get("vg_name") == vg and r["pv_name"].startswith("/") and not r.get("pv_missing")}
+    legs = _leg_health(devices, vg)
+    members: dict[str, str] = {}
+    for dev in devices:
+        real = os.path.realpath(dev)
+        if not Path(dev).exists() or real not in present:
+            members[dev] = "MISSING"
+        else:
+            members[dev] = {"D": "FAULTED", "a": "RESYNCING"}.get(legs.get(real, "A"), "ONLINE")
+    states = set(members.values())
+    if states & {"MISSING", "FAULTED"}:
+        return {"members": members, "redundancy": "degraded"}
+    return {"members": members, "redundancy": "recovering" if "RESYNCING" in states else "clean"}

@@ -156,8 +156,8 @@ class PoolCreate(_Request):
     fill_threshold: float = Field(90.0, gt=0, le=100, description="percent full at which new allocations stop")
     capacity: Size | None = Field(None, description="file, nullblk: a budget (10G)")
     thin_pool_percent: StrictInt | None = Field(None, ge=1, le=95, description="lvm: the VG's share for thin LVs")
-    layout: Literal["stripe", "mirror"] | None = Field(None, description="zfs: stripe (default) or mirror (one "
-                                                       "N-way mirror over the devices)")
+    layout: Literal["stripe", "mirror"] | None = Field(None, description="zfs, lvm: stripe (default) or mirror "
+                                                       "(zfs: one N-way mirror; lvm: raid1 LVs over the devices)")
 
 
 class ErrorBody(BaseModel):

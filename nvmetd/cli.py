@@ -518,7 +518,7 @@ def pool() -> None:
 @click.option("--capacity", help="file, nullblk: a budget, e.g. 10G")
 @click.option("--thin-pool-percent", type=click.IntRange(1, 95), help="lvm: the VG's share for thin LVs")
 @click.option("--layout", type=click.Choice(["stripe", "mirror"]),
-              help="zfs: stripe (default) or mirror (the pool survives the loss of all but one device)")
+              help="zfs, lvm: stripe (default) or mirror (the pool survives the loss of all but one device)")
 @click.pass_obj
 def pool_create(obj: Context, name: str, devices: tuple[str, ...], kind: str, fill_threshold: float,
                 capacity: str | None, thin_pool_percent: int | None, layout: str | None) -> None:

@@ -58,8 +58,8 @@ def create_pool(m: Manager, kind: str, name: str, devices: list[str], fill_thres
         if name in pools.list_pools(m.pools_root):
             raise UserError(f"a pool named {name!r} exists already")
         _check_devices(kind, devices)
-        if options.get("layout") not in (None, "stripe") and kind != "zfs":
-            raise UserError(f"a {kind} pool has no layout {options['layout']!r}: layouts are for zfs pools")
+        if options.get("layout") not in (None, "stripe") and kind not in ("zfs", "lvm"):
+            raise UserError(f"a {kind} pool has no layout {options['layout']!r}: layouts are for zfs and lvm pools")
         return pools.create_pool(kind, name, devices, root=m.pools_root, fill_threshold=fill_threshold,
                                  **options).status().to_dict()
 

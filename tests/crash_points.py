@@ -82,12 +82,15 @@ def scenario(step: str, disk: str, reboot: Callable[[], None]) -> Scenario:
 
 
 def converged(m: Manager) -> list[str]:
-    """No orphans, journal closed, kernel = store."""
+    """No orphans, both journals closed (the store's disk states, the pool's intents), kernel = store."""
     doc = m.store.load()
     problems = []
     open_journal = {n: e["state"] for n, e in doc.get("disks", {}).items() if e.get("state", "ready") != "ready"}
     if open_journal:
         problems.append(f"journal not closed: {open_journal}")
+    intents = m._pool("files").ledger.load()["intents"]
+    if intents:  # what start-up recovery (Backend.recover) must finish or roll back
+        problems.append(f"the pool's crash journal still holds {sorted(intents)}")
     volumes = set(m._pool("files").volumes())
     ready = {n for n, e in doc.get("disks", {}).items() if e.get("state", "ready") == "ready"}
     if volumes != ready:

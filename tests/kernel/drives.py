@@ -53,9 +53,11 @@ def stable_path(serial: str, timeout: float = 60.0) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ctrl = controller(serial)
-        if ctrl and Path(f"/dev/{ctrl}n1").exists():
+        # not always n1: while a stack above (dm-raid) still holds the pulled drive's old namespace open, the
+        # re-added drive's namespace gets the next instance number of the same NVMe subsystem
+        for ns in sorted((SYS_NVME / ctrl).glob(f"{ctrl}n*")) if ctrl else []:
             for link in sorted(BY_ID.glob(f"nvme-*_{serial}")):
-                if link.resolve() == Path(f"/dev/{ctrl}n1"):
+                if link.resolve() == Path("/dev", ns.name):
                     return link
             subprocess.run(["udevadm", "settle", "--timeout", "5"], check=False, capture_output=True)
         time.sleep(0.2)

@@ -189,3 +189,68 @@ def test_zfs_mirror_keeps_serving_through_drive_loss_and_resilvers(daemon: Daemo
     daemon.ctl("detach", "vm1", "d1")
     daemon.ctl("disk", "delete", "d1")
     daemon.ctl("pool", "destroy", MIRROR)
+
+
+LVM_MIRROR = "lvmirror"
+
+
+@pytest.fixture
+def lvm_mirror(daemon: Daemon, cfs: ConfigFS) -> Iterator[list[Path]]:
+    """Drives 1 and 2 (stable paths) for an LVM raid1 pool; afterwards both drives are back and the VG is gone."""
+    need("lvcreate", "fio")
+    serials = drives.require(3)[1:3]
+    paths = [drives.stable_path(s) for s in serials]
+    try:
+        yield paths
+    finally:
+        wipe()
+        for index, serial in enumerate(serials, start=1):
+            if drives.controller(serial) is None:
+                drives.put_back(index)
+        subprocess.run(["vgremove", "--yes", "--force", f"nvmetd_{LVM_MIRROR}"], check=False, capture_output=True)
+
+
+def test_lvm_raid1_keeps_serving_through_drive_loss_and_repairs(daemon: Daemon, lvm_mirror: list[Path]) -> None:
+    """The same promise on LVM: a thin disk in a thin pool whose data and metadata are raid1 over two drives."""
+    created = daemon.ctl_json("pool", "create", LVM_MIRROR, "--kind", "lvm", "--layout", "mirror",
+                              *map(str, lvm_mirror))
+    assert created["layout"] == "mirror" and created["redundancy"] == "clean", created
+    assert created["members"] == {str(d): "ONLINE" for d in lvm_mirror}, created
+    daemon.ctl("disk", "create", "l1", "--pool", LVM_MIRROR, "--size", "24M")
+    dev = Path(daemon.ctl_json("attach", "vm2", "l1", "--transport", "loop")["device"])
+
+    fio = _fio(dev, "--rw=randwrite", "--size=16M", "--loops=100000", "--verify_backlog=64")
+    try:
+        start = _written(dev)
+        _wait("fio writing", lambda: _written(dev) > start + 4096)
+        drives.pull(2)
+        show = _wait("pool degraded", lambda: (p := daemon.ctl_json("pool", "show", LVM_MIRROR))["redundancy"]
+                     == "degraded" and p)
+        assert show["members"] == {str(lvm_mirror[0]): "ONLINE", str(lvm_mirror[1]): "MISSING"}, show
+        after = _written(dev)
+        _wait("fio writing on the degraded pool", lambda: fio.poll() is None and _written(dev) > after + 4096)
+
+        assert drives.put_back(2) == lvm_mirror[1]
+        # back, but its leg was failed by dm-raid: still degraded until repaired
+        show = daemon.ctl_json("pool", "show", LVM_MIRROR)
+        assert show["redundancy"] == "degraded" and show["members"][str(lvm_mirror[1])] != "ONLINE", show
+        repaired = daemon.ctl_json("pool", "repair", LVM_MIRROR)
+        assert repaired["onlined"] == [str(lvm_mirror[1])], repaired
+        _wait("resynced", lambda: daemon.ctl_json("pool", "show", LVM_MIRROR)["redundancy"] == "clean",
+              timeout=600)
+        assert fio.poll() is None, "fio stopped while the pool was degraded or resyncing"
+    finally:
+        fio.send_signal(signal.SIGINT)
+    job = _fio_done(fio, stopped=True)
+    assert job["write"]["io_bytes"] > 16 << 20  # more than one pass went through the drive loss
+
+    # the re-added drive holds every block: with the other drive pulled, all reads come from it
+    drives.pull(1)
+    _wait("pool degraded on drive 2 alone",
+          lambda: daemon.ctl_json("pool", "show", LVM_MIRROR)["redundancy"] == "degraded")
+    _fio_done(_fio(dev, "--rw=read", "--size=16M"))
+    assert drives.put_back(1) == lvm_mirror[0]
+    daemon.ctl("pool", "repair", LVM_MIRROR)  # LVM changes no VG while one of its PVs is missing
+    daemon.ctl("detach", "vm2", "l1")
+    daemon.ctl("disk", "delete", "l1")
+    daemon.ctl("pool", "destroy", LVM_MIRROR)

@@ -24,12 +24,11 @@ from backends import pools
 from target.configfs import ConfigFS
 from tests.conftest import wipe
 from tests.kernel.service_fixture import Daemon
-from tests.kernel.test_vhost_kernel import clean_kernel_log, vhost_module  # noqa: F401 (fixtures)
 from vhost_nvme.guest.driver import GuestDriver, sqe
 from vhost_nvme.kernel import KernelChannel
 from vhost_nvme.nvme_spec import AdminOpc, Cns, Fid, Lid
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_kernel_log")]
 
 AEN_NS_CHANGED = 0x00040002  # notice, namespace attribute changed, log page 04h
 DISK_BYTES = 32 << 20
@@ -42,7 +41,7 @@ def _api(d: Daemon, method: str, path: str, body: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def daemon(vhost_module: None, nvmet_kernel: ConfigFS, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+def daemon(vhost_module: None, nvmet_kernel: ConfigFS, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Daemon]:
     wipe()
     root = Path("/run/nvmetd-test") if os.environ.get("NVMETD_IN_RIG") else tmp_path_factory.mktemp("vk")

@@ -13,8 +13,8 @@ import pytest
 from backends import pools
 from target.configfs import ConfigFS
 from tests.kernel import hostside
+from tests.kernel.notify_socket import Notifications
 from tests.kernel.service_fixture import Daemon
-from tests.kernel.test_service_ops import Notifications
 
 pytestmark = pytest.mark.kernel
 

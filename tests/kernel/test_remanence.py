@@ -181,11 +181,19 @@ def _sync(pool: Pool) -> None:
 CASES = [
     ("file", False, False), ("file", False, True),
     ("lvm", True, False), ("lvm", True, True), ("lvm", False, False), ("lvm", False, True),
-    # zvols: the deleted zvol's pattern was still on the vdev after destroy + zpool trim in the idle-machine run of
-    # 2026-12-02 (the new zvol reads zeros; the raw scan fails): a known gap of #15, run by make test-long until fixed
-    pytest.param(("zfs", True, False), marks=pytest.mark.long),
-    pytest.param(("zfs", True, True), marks=pytest.mark.long),
+    ("zfs", True, False), ("zfs", True, True),
 ]
+# A plaintext zvol: the new zvol reads zeros and nothing of the old one is readable through ZFS, but its blocks are
+# not all gone from the vdev. Measured in the rig (2026-12-02, 17 MiB zvol, volblocksize 16K, compression off, a
+# 64 MiB loop vdev whose discards punch holes): after destroy + txg syncs + `zpool trim -w` ("100% trimmed"), 878
+# of the 4352 pattern blocks (3.4 MiB, all in the first 4 MiB of one metaslab) were still on the vdev, and stayed
+# there through a second trim, a trim with zfs_trim_extent_bytes_min=4096 and `zpool initialize -w`, while zdb
+# showed that metaslab 99% free on disk: space ZFS counts free that neither TRIM nor initialize reached. Not
+# understood yet, so that raw-scan claim is test_zvol_leaves_nothing_on_the_raw_vdev, in make test-long (#15).
+# The encrypted zvol's scan looks for plaintext, which its own blocks never hold (ZFS native encryption: the
+# vdev holds ciphertext only): in the shared pool it can only find the plaintext case's leftovers (seen
+# 2026-12-02), so it proves nothing about the encrypted zvol and is left out with it.
+RAW_SCAN_KNOWN_GAP = {("zfs", True, False), ("zfs", True, True)}
 
 
 def _id(case: tuple[str, bool, bool]) -> str:
@@ -196,6 +204,16 @@ def _id(case: tuple[str, bool, bool]) -> str:
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_deleted_disk_leaves_no_blocks_for_the_next_disk_or_on_the_raw_device(
         case: tuple[str, bool, bool], pools: Pools, nvmet_kernel: ConfigFS) -> None:
+    remanence(case, pools, nvmet_kernel, raw_scan=case not in RAW_SCAN_KNOWN_GAP)
+
+
+@pytest.mark.long
+def test_zvol_leaves_nothing_on_the_raw_vdev(pools: Pools, nvmet_kernel: ConfigFS) -> None:
+    """Fails today (see RAW_SCAN_KNOWN_GAP): kept so that the gap is measured, not forgotten."""
+    remanence(("zfs", True, False), pools, nvmet_kernel, raw_scan=True)
+
+
+def remanence(case: tuple[str, bool, bool], pools: Pools, nvmet_kernel: ConfigFS, raw_scan: bool) -> None:
     kind, thin, encrypted = case
     pool: Pool = getattr(pools, kind)
     backend = pool.backend
@@ -229,8 +247,9 @@ def test_deleted_disk_leaves_no_blocks_for_the_next_disk_or_on_the_raw_device(
     backend.delete(name)
     assert not key.exists() and not (key.parent / f"{name}.zfskey").exists(), "delete left the key file"
     _sync(pool)
-    left = _found(pool.raw, [*needles, TAG])
-    assert not left, f"{label}: {len(left)} kind(s) of the deleted disk's blocks are still on {pool.raw}"
+    if raw_scan:
+        left = _found(pool.raw, [*needles, TAG])
+        assert not left, f"{label}: {len(left)} kind(s) of the deleted disk's blocks are still on {pool.raw}"
 
     assert _largest(pool, thin, encrypted) >= size, "the new disk cannot take the same space"
     backend.create(fresh_name, size, thin=thin, encrypted=encrypted)

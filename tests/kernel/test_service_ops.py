@@ -13,13 +13,10 @@ import json
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +27,7 @@ from target.configfs import NVMET_ROOT, ConfigFS
 from target.store import read_document
 from tests.conftest import _unavailable, wipe
 from tests.kernel import hostside
+from tests.kernel.notify_socket import Notifications
 from tests.kernel.service_fixture import Daemon
 
 pytestmark = pytest.mark.kernel
@@ -37,44 +35,6 @@ pytestmark = pytest.mark.kernel
 WATCHDOG_USEC = 2_000_000
 RAM_CAPACITY = 256 << 20
 FIRST_TCP_PORT = 4430  # written as a TOML integer on purpose: the natural way to write a port
-
-
-@dataclass
-class Notifications:
-    """A NOTIFY_SOCKET the way systemd runs one: a datagram socket that learns each sender's pid (SO_PASSCRED)."""
-
-    path: Path
-    messages: list[tuple[float, int, str]] = field(default_factory=list)  # (monotonic time, sender pid, text)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(str(self.path))
-        self.sock.settimeout(0.2)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        creds = struct.calcsize("3i")
-        while not self.stop.is_set():
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
-            except TimeoutError:
-                continue
-            pid = -1
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("3i", payload[:creds])[0]
-            self.messages.append((time.monotonic(), pid, data.decode()))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-    def from_pid(self, pid: int, since: float = 0.0) -> list[tuple[float, str]]:
-        return [(t, m) for t, p, m in list(self.messages) if p == pid and t >= since]
 
 
 @dataclass

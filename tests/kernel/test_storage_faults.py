@@ -28,8 +28,8 @@ from target.configfs import ConfigFS
 from tests.conftest import wipe
 from tests.kernel import hostside
 from tests.kernel.backend_rig import MIB, need
+from tests.kernel.kernel_log import dmesg, trouble_since
 from tests.kernel.service_fixture import Daemon
-from tests.kernel.test_vhost_kernel import KERNEL_TROUBLE, _dmesg
 
 pytestmark = pytest.mark.kernel
 
@@ -111,9 +111,9 @@ def served(nvmet_kernel: ConfigFS) -> Iterator[Served]:
 
 @pytest.fixture(autouse=True)
 def kernel_log_clean(served: Served) -> Iterator[None]:
-    before = len(_dmesg())
+    before = len(dmesg())
     yield
-    trouble = [line for line in _dmesg()[before:] if KERNEL_TROUBLE.search(line)]
+    trouble = trouble_since(before)
     assert not trouble, "kernel log:\n" + "\n".join(trouble)
 
 

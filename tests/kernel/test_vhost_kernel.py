@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -20,80 +19,21 @@ import pytest
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import TargetState, parse_state
-from tests.conftest import IN_CI
 from tests.kernel import hostside
 from tests.kernel.backend_rig import Loops, PoolFactory
+from tests.kernel.vhost_target import HOST, NS_BYTES, STRANGER, SUB, export
 from vhost_nvme import protocol as p
 from vhost_nvme.guest.driver import GuestDriver, sqe
-from vhost_nvme.kernel import DEVICE, KernelChannel
+from vhost_nvme.kernel import KernelChannel
 from vhost_nvme.nvme_spec import PAGE_SIZE, AdminOpc, Cns, IoOpc
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_kernel_log")]
 
-HOST = "nqn.2014-08.org.nvmexpress:uuid:0e8d3c55-7a4f-4b7e-9d2c-6b1a5f0c9e11"
-STRANGER = "nqn.2014-08.org.nvmexpress:uuid:5d9e0a11-2b3c-4d4e-8f5a-6b7c8d9e0f12"
-SUB = "nqn.2026-12.io.nvmetd:vhost-kernel"
-NS_BYTES = 64 << 20
-KERNEL_TROUBLE = re.compile(r"Oops|BUG:|WARNING:|general protection|Call Trace|KASAN|UBSAN|lockdep|"
-                            r"refcount_t|list_(add|del) corruption|soft lockup|hung_task", re.IGNORECASE)
 
 # NVMe status codes (SCT << 8 | SC) a controller must answer with
 SC_INVALID_OPCODE, SC_INVALID_FIELD, SC_DATA_XFER, SC_INVALID_NS, SC_PRP_OFFSET = 0x1, 0x2, 0x4, 0xB, 0x13
 SC_LBA_RANGE, SC_CQ_INVALID, SC_QID_INVALID, SC_QUEUE_SIZE, SC_INVALID_VECTOR = 0x80, 0x100, 0x101, 0x102, 0x108
 SC_INVALID_QUEUE_DELETION = 0x10C
-
-
-def _dmesg() -> list[str]:
-    return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
-
-
-@pytest.fixture(scope="module")
-def vhost_module(nvmet_kernel: ConfigFS) -> None:
-    proc = subprocess.run(["modprobe", "nvmet-vhost"], capture_output=True, text=True, check=False)
-    if proc.returncode or not DEVICE.exists():
-        why = proc.stderr.strip() or f"no {DEVICE}"
-        message = f"nvmet-vhost does not load ({why}): run kernel_patches/build.sh"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-# taint flags a kernel sets for good: they survive a kernel log that TCG's "hpet: Lost RTC interrupts" floods
-TAINT_DIE, TAINT_WARN, TAINT_SOFTLOCKUP = 1 << 7, 1 << 9, 1 << 14
-
-
-def _taint() -> int:
-    return int(Path("/proc/sys/kernel/tainted").read_text())
-
-
-@pytest.fixture(autouse=True)
-def clean_kernel_log(vhost_module: None) -> Iterator[None]:
-    before, taint = len(_dmesg()), _taint()
-    yield
-    trouble = [line for line in _dmesg()[before:] if KERNEL_TROUBLE.search(line)]
-    assert not trouble, "kernel log:\n" + "\n".join(trouble)
-    new = _taint() & ~taint & (TAINT_DIE | TAINT_WARN | TAINT_SOFTLOCKUP)
-    assert not new, f"the kernel tainted itself during the test (flags {new:#x}: oops/WARN/soft lockup)"
-
-
-@pytest.fixture
-def backing(loops: Loops) -> tuple[Path, str]:
-    """A block device (512-byte LBAs, nvmet's bio path, as for LVM and zvols) over a sparse file on tmpfs; the
-    tests check data in the file, below the whole stack."""
-    dev = loops.make("vhost-ns1", NS_BYTES)
-    return loops.scratch / "vhost-ns1.img", dev
-
-
-def export(cfs: ConfigFS, device: str, hosts: list[str] | None = None) -> None:
-    hosts = [HOST] if hosts is None else hosts
-    state = parse_state({
-        "hosts": [{"nqn": h} for h in hosts],
-        "subsystems": [{"nqn": SUB, "allowed_hosts": hosts,
-                        "namespaces": [{"nsid": 1, "device_path": device}]}],
-        "ports": [{"id": 7, "trtype": "vhost", "subsystems": [SUB]}],
-    })
-    result = apply_state(state, cfs)
-    assert result.converged, result.to_dict()
 
 
 @pytest.fixture

@@ -14,18 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.test_vhost_kernel import (  # noqa: F401 (fixtures)
-    HOST,
-    SUB,
-    backing,
-    clean_kernel_log,
-    export,
-    vhost_module,
-)
+from tests.kernel.vhost_target import HOST, SUB, export
 from vhost_nvme.qemu_args import kernel_device_args
 from vhost_nvme.vm import VM, VMError, guest_kernel, qemu_binary
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_kernel_log")]
 MiB = 1 << 20
 
 
@@ -35,7 +28,7 @@ def _sha(out: str) -> str:
     return m.group(1)
 
 
-def test_stock_guest_driver_on_the_kernel_back_end(cfs, backing, tmp_path: Path) -> None:  # noqa: F811
+def test_stock_guest_driver_on_the_kernel_back_end(cfs, backing, tmp_path: Path) -> None:
     path, dev = backing
     export(cfs, dev)
     try:
