@@ -59,6 +59,7 @@ class AttachResult:
     vhost_socket: str | None = None
     notes: list[str] | None = None
     vhost_backend: str | None = None  # vhost: "kernel" (nvmet-vhost) or "engine" (nvmetd's userspace engine)
+    paths: list[dict[str, str]] | None = None  # multipath: every port to connect to, with its ANA state
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -373,7 +374,7 @@ class Manager:
 
     @recorded("attach")
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None, dpu: str | None = None) -> AttachResult:
+               memory: str | None = None, dpu: str | None = None, multipath: bool = False) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
         if transport == "dpu" or vm_name in self.store.load().get("offload", {}):
             from nvmetd.opi.offload import Offload
@@ -386,6 +387,8 @@ class Manager:
         if memory is not None:
             validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
+        if multipath and chosen != "tcp":
+            raise UserError(f"--multipath needs --transport tcp (two tcp ports with ANA groups), not {chosen}")
         with self.lock:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, disk)
@@ -407,6 +410,9 @@ class Manager:
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
                                     "detach it first to change the transport")
+                if current is not None and current.multipath != multipath:
+                    raise UserError(f"disk {disk!r} is attached to {vm_name!r} "
+                                    f"{'with' if current.multipath else 'without'} multipath; detach it first")
                 backend = "engine"
                 if chosen == "vhost":
                     if current is not None:
@@ -423,7 +429,8 @@ class Manager:
                     if chosen == "vhost" and backend == "engine" and nsid > MAX_VHOST_NSID:
                         raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
-                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend)
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend,
+                                                      multipath=multipath)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
             result = self._reconcile_vm(vm_name, before)
@@ -487,8 +494,12 @@ class Manager:
             node = qmp_node_name(disk)
             qemu = ["-blockdev", f"driver=host_device,filename={device},node-name={node},cache.direct=on,aio=native",
                     "-device", f"virtio-blk-pci,drive={node},id={node}"]
+        paths = None
+        if att.multipath:  # nvmet reports each port's ANA state; the host's native multipath picks the optimized
+            paths = [{"traddr": traddr, "trsvcid": trsvcid, "ana_state": "optimized"},
+                     {"traddr": traddr, "trsvcid": ports.tcp_standby_port, "ana_state": "non-optimized"}]
         return AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
-                            str(key_file), device, qemu)
+                            str(key_file), device, qemu, paths=paths)
 
     def _vhost_result(self, vm: Vm, disk: str, att: Attachment, why: str, memory: str | None) -> AttachResult:
         """All vhost disks of a VM are namespaces of one controller: the QEMU arguments are the same for each,

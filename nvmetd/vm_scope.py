@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvmetd.vms import KERNEL_TRANSPORTS, Ports, Vm, compose
+from nvmetd.vms import KERNEL_TRANSPORTS, STANDBY, Ports, Vm, compose
 from target.model import TargetState
 
 
 def transports_in_use(doc: dict[str, Any]) -> set[str]:
-    """Kernel transports any VM of the stored state has a disk on (a walk of the stored dicts, no validation)."""
-    return {a.get("transport") for vm in doc.get("vms", {}).values()
-            for a in vm.get("attachments", {}).values()} & set(KERNEL_TRANSPORTS)
+    """Kernel transports any VM of the stored state has a disk on (a walk of the stored dicts, no validation),
+    and the standby port when any disk is attached with multipath."""
+    attachments = [a for vm in doc.get("vms", {}).values() for a in vm.get("attachments", {}).values()]
+    used = {a.get("transport") for a in attachments} & set(KERNEL_TRANSPORTS)
+    return used | ({STANDBY} if any(a.get("multipath") for a in attachments) else set())
 
 
 def vm_state(vm: Vm, devices: dict[str, str], ports: Ports, in_use: set[str]) -> TargetState:
@@ -27,13 +29,13 @@ def vm_state(vm: Vm, devices: dict[str, str], ports: Ports, in_use: set[str]) ->
     VMs only is kept (with this VM's link removed), and a port no VM uses any more is removed, as the full
     reconcile would do."""
     state = compose(TargetState(), {vm.name: vm}, devices, ports)
-    linked = {p.trtype for p in state.ports}
+    linked = {STANDBY if p.id == ports.tcp_standby_id else p.trtype for p in state.ports}
     others = [ports.port(t, []) for t in sorted(in_use - linked)]
     return state.model_copy(update={"ports": [*state.ports, *others]})
 
 
 def port_ids(ports: Ports) -> list[int]:
-    return [ports.tcp_id, ports.loop_id, ports.rdma_id]
+    return [ports.tcp_id, ports.loop_id, ports.rdma_id, ports.tcp_standby_id]
 
 
 def uses_vhost(vm: Vm | None) -> bool:

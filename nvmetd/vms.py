@@ -12,14 +12,17 @@ import os
 import uuid as uuidlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from target import validate
-from target.model import Host, Namespace, Port, Subsystem, TargetState
+from target.model import AnaGroup, Host, Namespace, Port, Subsystem, TargetState
 
 SUBSYSTEM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"
 Transport = Literal["tcp", "loop", "rdma", "vhost"]
 KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine or nvmet-vhost
+# the second path of a `--multipath` disk: the VM's subsystem on another tcp port whose ANA group is non-optimized,
+# so a host with native NVMe multipath uses the tcp port (optimized) and fails over to this one when it goes away
+STANDBY = "tcp-standby"
 
 
 def vm_hostnqn(vm_uuid: str) -> str:
@@ -43,6 +46,14 @@ class Attachment(BaseModel):
     transport: Transport
     # vhost only: who serves the controller (nvmetd.vhost_kernel); state files from before it mean the engine
     backend: Literal["engine", "kernel"] = "engine"
+    # tcp only: the VM's subsystem is also on the standby port (ANA non-optimized), a second path for the host
+    multipath: bool = False
+
+    @model_validator(mode="after")
+    def _multipath_is_tcp(self) -> Attachment:
+        if self.multipath and self.transport != "tcp":
+            raise ValueError(f"multipath needs transport tcp (two tcp ports with ANA groups), not {self.transport}")
+        return self
 
     @property
     def in_kernel(self) -> bool:
@@ -108,8 +119,15 @@ class Ports(BaseModel):
     rdma_address: str | None = None
     rdma_port: str = "4420"
     vhost_id: int = 4423
+    tcp_standby_id: int = 4424  # multipath's second path: same address, its own service id
+    tcp_standby_port: str = "4430"
 
     def port(self, transport: str, subsystems: list[str]) -> Port:
+        if transport == STANDBY:
+            family = "ipv6" if ":" in self.tcp_address else "ipv4"
+            return Port(id=self.tcp_standby_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
+                        trsvcid=self.tcp_standby_port, subsystems=subsystems,
+                        ana_groups=[AnaGroup(grpid=1, state="non-optimized")])
         if transport == "tcp":
             family = "ipv6" if ":" in self.tcp_address else "ipv4"
             return Port(id=self.tcp_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
@@ -131,7 +149,7 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     `devices` maps disk name -> the file or block device its namespace opens (from the backend).
     """
     data: dict[str, Any] = base.model_dump()
-    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": []}
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": [], STANDBY: []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
         kernel = {disk: a for disk, a in vm.attachments.items() if a.in_kernel}
         if not kernel:
@@ -152,6 +170,8 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
                                             namespaces=namespaces).model_dump())
         for transport in sorted({a.transport for a in kernel.values()}):
             exported[transport].append(vm.subnqn)
+        if any(a.multipath for a in kernel.values()):
+            exported[STANDBY].append(vm.subnqn)
     for transport, subs in exported.items():
         if subs:
             data["ports"].append(ports.port(transport, subs).model_dump())
