@@ -13,7 +13,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from backends.errors import BackendError, ToolError, UnavailableError
 from backends.run import run
@@ -67,9 +67,12 @@ class Client:
         proc = run([tool, *self.args(), *argv], check=False, timeout=timeout)
         if proc.returncode == 0:
             return proc.stdout
-        detail = _scrub(proc.stderr.strip() or proc.stdout.strip())
+        self._fail(tool, argv, proc.stderr.strip() or proc.stdout.strip(), proc.returncode)
+
+    def _fail(self, tool: str, argv: list[str], output: str, returncode: int) -> NoReturn:
+        detail = _scrub(output)
         lines = [_LOG_PREFIX.sub("", line).strip() for line in detail.splitlines() if line.strip()]
-        tail = lines[-1] if lines else f"exit status {proc.returncode}"
+        tail = lines[-1] if lines else f"exit status {returncode}"
         low = detail.lower()
         where = f"{tool} {' '.join(argv[:3])}"
         if "permission denied" in low or "errno 13" in low:
@@ -80,6 +83,20 @@ class Client:
 
     def ceph(self, *argv: str, timeout: float = 120) -> str:
         return self._run("ceph", list(argv), timeout)
+
+    def ceph_batch(self, commands: list[list[str]], timeout: float = 300) -> None:
+        """Several commands in one `ceph` process (it reads them from stdin): most of a command's cost is the CLI's
+        start-up (a Python interpreter, a cephx handshake), seconds each on a loaded or emulated host. The exit
+        status does not say whether a command failed, its "Error ..." line on stderr does; a failure stops
+        nothing after it, so callers read back what they meant to set."""
+        for argv in commands:
+            if any(not arg or any(c.isspace() for c in arg) for arg in argv):
+                raise BackendError(f"ceph command {argv[:3]} has an empty or blank argument")
+        script = "".join(" ".join(argv) + "\n" for argv in commands)
+        proc = run(["ceph", *self.args()], check=False, input_bytes=script.encode(), timeout=timeout)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error ")]
+        if proc.returncode != 0 or errors:
+            self._fail("ceph", commands[0], "\n".join(errors) or proc.stderr.strip(), proc.returncode)
 
     def ceph_json(self, *argv: str, timeout: float = 120) -> Any:
         return json.loads(self.ceph(*argv, "--format", "json", timeout=timeout) or "null")

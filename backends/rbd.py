@@ -45,6 +45,21 @@ def _pos_int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+def _check_pool(client: Client, ceph_pool: str, settings: dict[str, str]) -> None:
+    """Read the new pool back: the batch that made it reports no per-command status."""
+    found = [p for p in client.ceph_json("osd", "pool", "ls", "detail") if p.get("pool_name") == ceph_pool]
+    if not found:
+        raise BackendError(f"ceph pool {ceph_pool!r} was not created (see the monitor's log)")
+    pool = found[0]
+    have = {k: str(pool.get(k, pool.get("options", {}).get(k, ""))) for k in settings}
+    wrong = {k: (v, have[k]) for k, v in settings.items() if have[k] != v}
+    if "rbd" not in pool.get("application_metadata", {}):
+        wrong["application"] = ("rbd", ",".join(pool.get("application_metadata", {})) or "none")
+    if wrong:
+        raise BackendError(f"ceph pool {ceph_pool!r} did not take its settings: "
+                           + ", ".join(f"{k} is {h!r}, not {w!r}" for k, (w, h) in wrong.items()))
+
+
 class RbdBackend(Backend):
     kind = "rbd"
     compressions = COMPRESSIONS
@@ -80,17 +95,18 @@ class RbdBackend(Backend):
             raise BackendError(f"ceph pool {ceph_pool!r} exists already: nvmetd creates its pools itself "
                                "(choose another ceph_pool)")
         rule = f"nvmetd-{domain}"
-        client.ceph("osd", "crush", "rule", "create-replicated", rule, "default", domain)
-        client.ceph("osd", "pool", "create", ceph_pool, str(pg_num), str(pg_num), "replicated", rule)
+        settings = {"size": str(size), "min_size": str(min_size), "pg_autoscale_mode": "off"}
+        if compression != "off":
+            settings |= {"compression_mode": "aggressive", "compression_algorithm": compression}
         try:
-            settings = [("size", str(size)), ("min_size", str(min_size)), ("pg_autoscale_mode", "off")]
-            if compression != "off":
-                settings += [("compression_mode", "aggressive"), ("compression_algorithm", compression)]
-            for key, value in settings:
-                client.ceph("osd", "pool", "set", ceph_pool, key, value)
-            client.ceph("osd", "pool", "application", "enable", ceph_pool, "rbd")
+            client.ceph_batch([["osd", "crush", "rule", "create-replicated", rule, "default", domain],
+                               ["osd", "pool", "create", ceph_pool, str(pg_num), str(pg_num), "replicated", rule],
+                               *(["osd", "pool", "set", ceph_pool, k, v] for k, v in settings.items()),
+                               ["osd", "pool", "application", "enable", ceph_pool, "rbd"]])
+            _check_pool(client, ceph_pool, settings)
         except BackendError:
-            client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
+            if ceph_pool in client.ceph_json("osd", "pool", "ls"):
+                client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
             raise
         return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "ceph_pool": ceph_pool,
                 "size": size, "min_size": min_size, "failure_domain": domain, "compression": compression}
