@@ -40,8 +40,9 @@ class Client:
                 "--client_mount_timeout", str(CONNECT_TIMEOUT), "--rados_mon_op_timeout", "60"]
 
     # ------------------------------------------------------------------ checks before any change
-    def check(self) -> None:
-        """Config and keyring usable, a monitor answering: else UnavailableError naming the cause."""
+    def check(self) -> list[str]:
+        """Config and keyring usable, a monitor answering: else UnavailableError naming the cause. Returns the
+        cluster's pool names: the probe is a question the caller has anyway (one CLI start-up, not two)."""
         if not _USER_RE.match(self.user):
             raise BackendError(f"ceph user {self.user!r} is not a cephx user name (letters, digits, . _ -)")
         conf = Path(self.conf)
@@ -60,7 +61,7 @@ class Client:
         if mode & 0o077:
             raise UnavailableError(f"ceph keyring {self.keyring} is mode {mode:04o}: it must be 0600 (readable "
                                    "by its owner only), it holds the cluster key")
-        self.ceph("status")
+        return list(self.ceph_json("osd", "pool", "ls") or [])
 
     # ------------------------------------------------------------------ commands
     def _run(self, tool: str, argv: list[str], timeout: float) -> str:

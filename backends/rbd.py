@@ -90,8 +90,7 @@ class RbdBackend(Backend):
         compression = str(options.get("compression", "off"))
         if compression not in COMPRESSIONS:
             raise BackendError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
-        client.check()
-        if ceph_pool in client.ceph_json("osd", "pool", "ls"):
+        if ceph_pool in client.check():
             raise BackendError(f"ceph pool {ceph_pool!r} exists already: nvmetd creates its pools itself "
                                "(choose another ceph_pool)")
         rule = f"nvmetd-{domain}"
