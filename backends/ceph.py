@@ -34,10 +34,11 @@ class Client:
     conf: str
     keyring: str
     user: str = "admin"
+    connect_timeout: int = CONNECT_TIMEOUT
 
     def args(self) -> list[str]:
         return ["--conf", self.conf, "--keyring", self.keyring, "--id", self.user,
-                "--client_mount_timeout", str(CONNECT_TIMEOUT), "--rados_mon_op_timeout", "60"]
+                "--client_mount_timeout", str(self.connect_timeout), "--rados_mon_op_timeout", "60"]
 
     # ------------------------------------------------------------------ checks before any change
     def check(self) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from backends import names
 from backends.base import Backend, Record
-from backends.ceph import Client, redundancy
+from backends.ceph import CONNECT_TIMEOUT, Client, redundancy
 from backends.errors import BackendError, ToolError
 from backends.model import PoolStatus, VolumeInfo
 from backends.run import run
@@ -74,12 +74,13 @@ class RbdBackend(Backend):
         if devices:
             raise BackendError("an rbd pool takes no devices: its OSDs are the Ceph cluster's (give conf, keyring)")
         unknown = set(options) - {"conf", "keyring", "user", "ceph_pool", "size", "min_size", "failure_domain",
-                                  "compression", "pg_num"}
+                                  "compression", "pg_num", "connect_timeout"}
         if unknown:
             raise BackendError(f"rbd pool options {sorted(unknown)} are unknown")
         if not options.get("conf") or not options.get("keyring"):
             raise BackendError("an rbd pool needs conf (the cluster's ceph.conf) and keyring (0600)")
-        client = Client(str(options["conf"]), str(options["keyring"]), str(options.get("user", "admin")))
+        timeout = _pos_int(options.get("connect_timeout", CONNECT_TIMEOUT), "connect_timeout (seconds)", 1, 3600)
+        client = Client(str(options["conf"]), str(options["keyring"]), str(options.get("user", "admin")), timeout)
         ceph_pool = names.name(str(options.get("ceph_pool") or f"nvmetd-{name}"), "ceph pool name")
         size = _pos_int(options.get("size", DEFAULT_SIZE), "size (copies)", 1, 10)
         min_size = _pos_int(options.get("min_size", DEFAULT_MIN_SIZE), "min_size", 1, size)
@@ -107,12 +108,14 @@ class RbdBackend(Backend):
             if ceph_pool in client.ceph_json("osd", "pool", "ls"):
                 client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
             raise
-        return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "ceph_pool": ceph_pool,
+        return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "connect_timeout": timeout,
+                "ceph_pool": ceph_pool,
                 "size": size, "min_size": min_size, "failure_domain": domain, "compression": compression}
 
     @property
     def client(self) -> Client:
-        return Client(self.config["conf"], self.config["keyring"], self.config["user"])
+        return Client(self.config["conf"], self.config["keyring"], self.config["user"],
+                      int(self.config.get("connect_timeout", CONNECT_TIMEOUT)))
 
     @property
     def ceph_pool(self) -> str:
