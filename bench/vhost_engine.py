@@ -77,9 +77,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 class EngineProcess:
-    def __init__(self, sock: str, image: str, extra: list[str]) -> None:
-        argv = [sys.executable, "-m", "vhost_nvme.engine", "--socket", sock, "--ns", image,
-                "--ns", f"null:{NULL_BYTES}", "--policy", "auto", *extra]
+    def __init__(self, sock: str, image: str, extra: list[str] | tuple[str, ...] = (),
+                 null_namespace: bool = True) -> None:
+        null = ["--ns", f"null:{NULL_BYTES}"] if null_namespace else []
+        argv = [sys.executable, "-m", "vhost_nvme.engine", "--socket", sock, "--ns", image, *null,
+                "--policy", "auto", *extra]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         self.probe = ""
         assert self.proc.stdout is not None
@@ -97,7 +99,7 @@ class EngineProcess:
 
     def close(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=30)
 
 
 def engine_stats(g: GuestDriver) -> dict[str, int]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from vhost_nvme._guest_c import ffi, lib
 
 from bench.report import Metric, Report, Sample
+from bench.vhost_engine import EngineProcess
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import TargetState, parse_state
@@ -126,21 +127,6 @@ def pin_threads(pid: int, comm: str, cpu: int) -> int:
     return n
 
 
-class Engine:
-    def __init__(self, sock: str, dev: str) -> None:
-        argv = [sys.executable, "-m", "vhost_nvme.engine", "--socket", sock, "--ns", dev, "--policy", "auto"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("ready"):
-                return
-        raise RuntimeError("engine exited before it was ready")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 def kernel_guest(nblocks: int, layout: list[tuple[int, int]]) -> Guest:
     g = GuestDriver(channel=KernelChannel(), bind=(SUB, HOST), layout=layout, timeout=60)
     return Guest(g, nblocks)
@@ -196,7 +182,7 @@ def per_vm_section(dev: str, nblocks: int, work: str, idle_s: float) -> list[str
         for side in ("kernel", "engine"):
             subprocess.run(["sync"], check=True)
             mem0, cpu0 = kernel_memory_kib(), 0.0
-            engines: list[Engine] = []
+            engines: list[EngineProcess] = []
             guests: list[Guest] = []
             try:
                 for i in range(n):
@@ -204,7 +190,7 @@ def per_vm_section(dev: str, nblocks: int, work: str, idle_s: float) -> list[str
                         guests.append(kernel_guest(nblocks, layout))
                     else:
                         sock = os.path.join(work, f"idle{i}.sock")
-                        engines.append(Engine(sock, dev))
+                        engines.append(EngineProcess(sock, dev, null_namespace=False))
                         guests.append(Guest(GuestDriver(sock, layout=layout, timeout=60), nblocks))
                 time.sleep(1.0)
                 mem = kernel_memory_kib() - mem0 + sum(pss_kib(e.proc.pid) for e in engines)
@@ -251,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         loop_dev = loop_device()
         layout = [(0x1000_0000, 64 << 20)]
         guests["kernel"] = kernel_guest(nblocks, layout)
-        engine = Engine(os.path.join(work, "engine.sock"), dev)
+        engine = EngineProcess(os.path.join(work, "engine.sock"), dev, null_namespace=False)
         guests["engine"] = Guest(GuestDriver(os.path.join(work, "engine.sock"), layout=layout, timeout=60), nblocks)
         pinned = pin_threads(os.getpid(), "vhost-nvme", WORKER_CPU) + pin_threads(engine.proc.pid, "", WORKER_CPU)
         os.sched_setaffinity(0, {GUEST_CPU})

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from backends import Backend, BackendError, create_pool, destroy_pool
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import TargetState, parse_state
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, wipe
 from tests.kernel import hostside
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:3a0c1f2e-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
@@ -119,3 +120,46 @@ def compressible(size: int) -> bytes:
     line = b"nvmetd compressible test data: the quick brown fox jumps over the lazy dog 0123456789\n"
     lines = b"".join(line.replace(b"0123456789", f"{i:010d}".encode()) for i in range(size // len(line) + 1))
     return lines[:size]
+
+
+TOOLS = {"file": ["mkfs.ext4"], "lvm": ["lvcreate", "cryptsetup"], "zfs": ["zfs", "zpool"], "nullblk": []}
+PoolFactory = Callable[..., tuple[Backend, list[str]]]
+
+
+@pytest.fixture
+def make_pool(nvmet_kernel: ConfigFS, scratch: Path, loops: Loops) -> Iterator[PoolFactory]:
+    """make_pool(kind, **options) -> (backend, raw devices under it). Torn down with the nvmet tree cleared first."""
+    made: list[Backend] = []
+    mounts: list[Path] = []
+    state = scratch / "state"
+
+    def factory(kind: str, devices: int = 2, device_size: int = 128 * MIB, **options) -> tuple[Backend, list[str]]:
+        need(*TOOLS[kind])
+        name = f"t{kind}{len(made)}"
+        raw: list[str] = []
+        if kind == "file":
+            dev = loops.make(f"{name}-fs", 256 * MIB)
+            mnt = scratch / f"{name}-mnt"
+            mnt.mkdir()
+            subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=1,nodiscard", dev], check=True)
+            subprocess.run(["mount", dev, str(mnt)], check=True)
+            mounts.append(mnt)
+            raw, pool_devices = [dev], [str(mnt / "pool")]
+        elif kind == "nullblk":
+            pool_devices = []
+        else:
+            raw = [loops.make(f"{name}-{i}", device_size) for i in range(devices)]
+            pool_devices = raw
+        backend = create_pool(kind, name, pool_devices, root=state, **options)
+        made.append(backend)
+        return backend, raw
+
+    yield factory
+    wipe()  # namespaces first: a served zvol makes zpool destroy hang
+    for backend in reversed(made):
+        try:
+            destroy_pool(backend.name, root=state, force=True)
+        except BackendError as exc:
+            print(f"teardown: {exc}")
+    for mnt in mounts:
+        subprocess.run(["umount", str(mnt)], check=False)

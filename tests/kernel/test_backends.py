@@ -7,24 +7,21 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from backends import Backend, BackendError, PoolFullError, QuotaError, create_pool, destroy_pool, luks
+from backends import BackendError, PoolFullError, QuotaError, luks
 from backends.base import Backend as BaseBackend
 from target.configfs import ConfigFS
-from tests.conftest import wipe
 from tests.kernel import hostside
 from tests.kernel.backend_rig import (
     MIB,
-    Loops,
+    PoolFactory,
     compressible,
     contains,
     device_size,
     export,
-    loops,  # noqa: F401 (fixture)
     need,
     unexport,
     write_direct,
@@ -32,53 +29,12 @@ from tests.kernel.backend_rig import (
 
 pytestmark = pytest.mark.kernel
 
-TOOLS = {"file": ["mkfs.ext4"], "lvm": ["lvcreate", "cryptsetup"], "zfs": ["zfs", "zpool"], "nullblk": []}
 
 
 class SimulatedCrash(BaseException):
     """The process dies between two steps: no except-clause of the code under test sees it."""
 
 
-PoolFactory = Callable[..., tuple[Backend, list[str]]]
-
-
-@pytest.fixture
-def make_pool(nvmet_kernel: ConfigFS, scratch: Path, loops: Loops) -> Iterator[PoolFactory]:  # noqa: F811
-    """make_pool(kind, **options) -> (backend, raw devices under it). Torn down with the nvmet tree cleared first."""
-    made: list[Backend] = []
-    mounts: list[Path] = []
-    state = scratch / "state"
-
-    def factory(kind: str, devices: int = 2, device_size: int = 128 * MIB, **options) -> tuple[Backend, list[str]]:
-        need(*TOOLS[kind])
-        name = f"t{kind}{len(made)}"
-        raw: list[str] = []
-        if kind == "file":
-            dev = loops.make(f"{name}-fs", 256 * MIB)
-            mnt = scratch / f"{name}-mnt"
-            mnt.mkdir()
-            subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=1,nodiscard", dev], check=True)
-            subprocess.run(["mount", dev, str(mnt)], check=True)
-            mounts.append(mnt)
-            raw, pool_devices = [dev], [str(mnt / "pool")]
-        elif kind == "nullblk":
-            pool_devices = []
-        else:
-            raw = [loops.make(f"{name}-{i}", device_size) for i in range(devices)]
-            pool_devices = raw
-        backend = create_pool(kind, name, pool_devices, root=state, **options)
-        made.append(backend)
-        return backend, raw
-
-    yield factory
-    wipe()  # namespaces first: a served zvol makes zpool destroy hang
-    for backend in reversed(made):
-        try:
-            destroy_pool(backend.name, root=state, force=True)
-        except BackendError as exc:
-            print(f"teardown: {exc}")
-    for mnt in mounts:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def digest(data: bytes) -> str:

@@ -22,8 +22,7 @@ from target.configfs import ConfigFS
 from target.model import TargetState, parse_state
 from tests.conftest import IN_CI
 from tests.kernel import hostside
-from tests.kernel.backend_rig import Loops, loops  # noqa: F401 (fixture)
-from tests.kernel.test_backends import PoolFactory, make_pool  # noqa: F401 (fixture)
+from tests.kernel.backend_rig import Loops, PoolFactory
 from vhost_nvme import protocol as p
 from vhost_nvme.guest.driver import GuestDriver, sqe
 from vhost_nvme.kernel import DEVICE, KernelChannel
@@ -78,7 +77,7 @@ def clean_kernel_log(vhost_module: None) -> Iterator[None]:
 
 
 @pytest.fixture
-def backing(loops: Loops) -> tuple[Path, str]:  # noqa: F811 (the fixture)
+def backing(loops: Loops) -> tuple[Path, str]:
     """A block device (512-byte LBAs, nvmet's bio path, as for LVM and zvols) over a sparse file on tmpfs; the
     tests check data in the file, below the whole stack."""
     dev = loops.make("vhost-ns1", NS_BYTES)
@@ -339,7 +338,7 @@ def test_checksummed_io_verifies_on_the_backing_volume(guest: GuestDriver, targe
 
 
 @pytest.mark.parametrize("kind", ["lvm", "zfs"])
-def test_checksummed_io_on_lvm_thin_and_zvol(kind: str, make_pool: PoolFactory, cfs: ConfigFS) -> None:  # noqa: F811
+def test_checksummed_io_on_lvm_thin_and_zvol(kind: str, make_pool: PoolFactory, cfs: ConfigFS) -> None:
     """The backends VMs really use: a thin LV and a zvol, verified below nvmet on the volume itself."""
     pool, _ = make_pool(kind)
     pool.create("vdisk", "64M")
@@ -408,7 +407,7 @@ def test_random_commands_from_a_hostile_guest_never_hurt_the_host(target: Path) 
         g.close()
 
 
-def test_a_namespace_added_in_nvmet_reaches_the_bound_guest(cfs: ConfigFS, guest: GuestDriver, loops: Loops,  # noqa: F811
+def test_a_namespace_added_in_nvmet_reaches_the_bound_guest(cfs: ConfigFS, guest: GuestDriver, loops: Loops,
                                                             target: Path) -> None:
     """nvmetd adds a VM's next disk as a namespace of its subsystem: nvmet tells the guest (AEN + changed list)."""
     from vhost_nvme.nvme_spec import AEN_NS_CHANGED, Fid, Lid

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.backend_rig import loops  # noqa: F401 (fixture of `backing`)
 from tests.kernel.test_vhost_kernel import (  # noqa: F401 (fixtures)
     HOST,
     SUB,
