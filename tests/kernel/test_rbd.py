@@ -92,7 +92,7 @@ def fio(device: Path, name: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["nice", "-n", "5", "fio", f"--name={name}", f"--filename={device}", "--direct=1", "--ioengine=libaio",
          "--iodepth=4", "--rw=randwrite", "--bs=16k", "--size=24M", "--verify=crc32c", "--verify_fatal=1",
-         "--randrepeat=1", "--output-format=json", *extra],
+         "--randrepeat=1", "--verify_state_save=0", "--output-format=json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
