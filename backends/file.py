@@ -75,6 +75,9 @@ class FileBackend(Backend):
     def _destroy(self, vol: Record) -> None:
         path = self._path(vol["name"])
         if path.exists():
+            # a filesystem mounted without online discard frees the blocks with the data still in them, and the
+            # next tenant's file (or anyone reading the device) gets them: overwrite the data first
+            _zero_data(path)
             # give the blocks back (and discard them where the filesystem passes discards down) before unlinking
             run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(max(path.stat().st_size, 1)),
                  str(path)], check=False)
@@ -136,6 +139,32 @@ def _allocate(fd: int, offset: int, length: int, path: Path) -> None:
         os.posix_fallocate(fd, offset, length)
     except OSError as exc:
         raise BackendError(f"cannot allocate {length} bytes for {path}: {exc.strerror}") from None
+
+
+def _zero_data(path: Path, chunk: int = 1 << 20) -> None:
+    """Overwrite every data range of the file with zeros, in place, and make it durable.
+
+    Only the ranges SEEK_DATA finds (a sparse file costs what it holds). In place is what ext4 and XFS do for a
+    plain overwrite; a copy-on-write filesystem (btrfs, reflinked XFS) writes elsewhere, and there only discard
+    (mount -o discard, or fstrim) reaches the old blocks."""
+    zeros = bytes(chunk)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        size, offset = os.fstat(fd).st_size, 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            while start < end:
+                start += os.pwrite(fd, zeros[:min(chunk, end - start)], start)
+            offset = end
+        os.fsync(fd)
+    except OSError as exc:
+        raise BackendError(f"cannot zero {path} before deleting it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -1,9 +1,10 @@
 """nvmetd's own record of a pool: its settings, tenants' quotas, volumes, snapshots and in-flight intents.
 
-It reuses `target.store.StateStore` (one JSON document, atomic replace, exclusive flock for a read-modify-write, 0600):
-accounting for LVM and files must survive restarts and two callers must not both take the last byte of a quota.
-The `intents` section is the crash journal: an operation is written there before its first step and removed after
-its last, so `Backend.recover()` knows what to roll back (create) or finish (delete) after a crash.
+It is kept in a `target.store.StateStore` file (one JSON document, atomic replace, exclusive flock for a
+read-modify-write, 0600) shaped as a ledger, not as the target state: accounting for LVM and files must survive
+restarts and two callers must not both take the last byte of a quota. The `intents` section is the crash
+journal: an operation is written there before its first step and removed after its last, so `Backend.recover()`
+knows what to roll back (create) or finish (delete) after a crash.
 """
 
 from __future__ import annotations
@@ -14,26 +15,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from target.store import StateStore
+from target.store import FORMAT_VERSION, StateStore
 
 LEDGER_FILE = "ledger.json"
+SECTIONS = ("tenants", "volumes", "intents")
 
 
-class Ledger(StateStore):
+def _empty() -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "generation": 0, **{section: {} for section in SECTIONS}}
+
+
+class Ledger:
     def __init__(self, state_dir: Path) -> None:
-        super().__init__(Path(state_dir) / LEDGER_FILE)
+        self._file = StateStore(Path(state_dir) / LEDGER_FILE, empty=_empty)
+        self.path = self._file.path
 
     def load(self) -> dict[str, Any]:
-        doc = super().load()
-        if "target" in doc and not doc.get("pool"):
-            doc.pop("target")  # StateStore's empty document is shaped for the target state; a ledger has none
-        for section in ("tenants", "volumes", "intents"):
+        doc = self._file.load()
+        for section in SECTIONS:  # a ledger written before a section existed
             doc.setdefault(section, {})
         return doc
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return self._file.locked()
+
     @contextlib.contextmanager
     def change(self) -> Iterator[dict[str, Any]]:
-        with self.transaction() as doc:
+        """A read-modify-write under the lock, saved if it changed."""
+        with self._file.transaction() as doc:
+            for section in SECTIONS:
+                doc.setdefault(section, {})
             yield doc
 
 

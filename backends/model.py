@@ -39,7 +39,9 @@ class PoolStatus:
     reason: str = ""
     volumes: int = 0
     tenants: dict[str, dict[str, int | None]] = field(default_factory=dict)
-    redundancy: str = ""  # replicated pools (rbd): clean, recovering, degraded or unavailable, from the cluster
+    redundancy: str = ""  # replicated pools (rbd, ZFS mirror): clean, recovering, degraded or unavailable
+    layout: str = ""  # pools over several devices (zfs): stripe or mirror
+    members: dict[str, str] = field(default_factory=dict)  # device -> state (zfs: ONLINE, REMOVED, FAULTED, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,4 +9,6 @@ Benchmarks print figures and ratios to a baseline measured in the same run; they
 - backend_io.py     4k random / 128k sequential writes per backend through nvme-tcp (`make bench-backends`)
 - vhost_engine.py   the vhost-nvme engine vs fio psync/io_uring on the same file (`python -m bench.vhost_engine`)
 - vhost_guest.py    a TCG guest on vhost-user-nvme vs QEMU's emulated NVMe (`python -m bench.vhost_guest`)
+- limits_overhead.py  an unlimited disk through the limit mechanism (dm-linear + blk-throttle) vs direct
+- tls.py            NVMe/TCP with TLS 1.3 vs plain NVMe/TCP: IOPS, MB/s, CPU per I/O (`make bench-tls`)
 """

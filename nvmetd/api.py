@@ -132,6 +132,21 @@ class AttachRequest(_Request):
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
                                "include the shared memory backend vhost-user needs")
+    tls: bool = Field(default=False, description="tcp: export on the TLS port (TLS 1.3 PSK required); the answer "
+                      "names the PSK file, never the key")
+
+
+class LimitsRequest(_Request):
+    """Changes to a disk's I/O limits: a field left out keeps its value, 0 removes that limit."""
+
+    riops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="read IOPS")
+    wiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True, description="write IOPS")
+    rmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="read MB/s (10^6 bytes)")
+    wmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True, description="write MB/s (10^6 bytes)")
+    rwiops: int | None = Field(default=None, ge=0, le=10_000_000, strict=True,
+                               description="reads + writes IOPS (disks the vhost engine serves)")
+    rwmbps: int | None = Field(default=None, ge=0, le=1_000_000, strict=True,
+                               description="reads + writes MB/s (disks the vhost engine serves)")
 
 
 class PoolCreate(_Request):
@@ -143,6 +158,8 @@ class PoolCreate(_Request):
     fill_threshold: float = Field(90.0, gt=0, le=100, description="percent full at which new allocations stop")
     capacity: Size | None = Field(None, description="file, nullblk: a budget (10G)")
     thin_pool_percent: StrictInt | None = Field(None, ge=1, le=95, description="lvm: the VG's share for thin LVs")
+    layout: Literal["stripe", "mirror"] | None = Field(None, description="zfs: stripe (default) or mirror (one "
+                                                       "N-way mirror over the devices)")
 
 
 class ErrorBody(BaseModel):
@@ -259,6 +276,10 @@ def create_app(manager: Manager) -> FastAPI:
     async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:
         return await run_in_threadpool(manager.clone_disk, name, req.snapshot, req.name)
 
+    @router.put("/v1/disks/{name}/limits")
+    async def disk_limits(name: DiskPath, req: LimitsRequest) -> dict[str, Any]:
+        return await run_in_threadpool(manager.set_limits, name, req.model_dump())
+
     @router.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:
         return await run_in_threadpool(manager.list_vms)
@@ -270,12 +291,17 @@ def create_app(manager: Manager) -> FastAPI:
     @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory,
-                                          req.dpu, req.multipath)
+                                          req.dpu, req.tls, req.multipath)
         return result.to_dict()
 
     @router.delete("/v1/vms/{vm}/disks/{disk}")
     async def detach(vm: VmPath, disk: DiskPath) -> dict[str, Any]:
         return await run_in_threadpool(manager.detach, vm, disk)
+
+    @router.post("/v1/vms/{vm}/tls-key")
+    async def rotate_tls_key(vm: VmPath) -> dict[str, Any]:
+        """A new TLS PSK for the VM (rotation): sessions up keep running, new connections need the new key."""
+        return await run_in_threadpool(manager.rotate_tls_key, vm)
 
     @router.get("/v1/pools")
     async def list_pools() -> list[dict[str, Any]]:
@@ -285,7 +311,7 @@ def create_app(manager: Manager) -> FastAPI:
     async def create_pool(req: PoolCreate) -> dict[str, Any]:
         from backends import names
 
-        options = {k: v for k in ("capacity", "thin_pool_percent") if (v := getattr(req, k)) is not None}
+        options = {k: v for k in ("capacity", "thin_pool_percent", "layout") if (v := getattr(req, k)) is not None}
         if "capacity" in options:
             options["capacity"] = names.size(options["capacity"], "capacity")
         return await run_in_threadpool(pool_ops.create_pool, manager, req.kind, req.name, req.devices,
@@ -294,6 +320,11 @@ def create_app(manager: Manager) -> FastAPI:
     @router.get("/v1/pools/{name}")
     async def show_pool(name: PoolPath) -> dict[str, Any]:
         return await run_in_threadpool(pool_ops.pool_info, manager, name)
+
+    @router.post("/v1/pools/{name}/repair")
+    async def repair_pool(name: PoolPath) -> dict[str, Any]:
+        """Put members of a redundant pool that are present again back online (they resilver)."""
+        return await run_in_threadpool(pool_ops.repair_pool, manager, name)
 
     @router.delete("/v1/pools/{name}")
     async def destroy_pool(name: PoolPath) -> dict[str, Any]:

@@ -56,8 +56,9 @@ def recorded(op: str) -> Callable[[F], F]:
                     entry["error"] = type(exc).__name__
                     raise
                 finally:
-                    entry["generation"] = self.store.load().get("generation", 0)
-                    self.changes.record(entry)
+                    if self.changes.path is not None:  # off: no parse of the whole state per call
+                        entry["generation"] = self.store.load().get("generation", 0)
+                        self.changes.record(entry)
                 return result
 
         return call  # type: ignore[return-value]

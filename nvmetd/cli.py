@@ -104,12 +104,14 @@ def _read_json(path: str) -> Any:
 
 def _result_text(result: dict[str, Any]) -> str:
     """An apply result (ApplyResult.to_dict(), as the API sends it) for people."""
+    from target.status import ORDER as STATUS_ORDER  # a bare StrEnum; here, not at start-up (no target/ at --help)
+    from target.status import Status
+
     objects = result.get("objects", {})
     lines = [f"{st['status']:8} {st['object']}" + (f": {st['reason']}" if st.get("reason") else "")
-             for _path, st in sorted(objects.items()) if st["status"] != "ok"]
+             for _path, st in sorted(objects.items()) if st["status"] != Status.OK]
     counts = Counter(st["status"] for st in objects.values())
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("ok", "changed", "removed", "pending", "failed", "skipped")
-                        if counts[s])
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
     lines.append(f"{'converged' if result['converged'] else 'NOT converged'}: {summary or 'nothing to do'}; "
                  f"{result['writes']} configfs changes")
     return "\n".join(lines)
@@ -245,8 +247,17 @@ def status(obj: Context) -> None:
             f"{d['ports']} ports, {d['hosts']} hosts (generation {data['generation']})\n"
             f"live:    {live['subsystems']} subsystems, {live['namespaces']} namespaces "
             f"({live['enabled_namespaces']} enabled), {live['ports']} ports, {live['hosts']} hosts\n"
-            f"drift:   {data['drift']} change(s) needed" + (" — run `nvmetctl diff`" if data["drift"] else ""))
+            f"drift:   {data['drift']} change(s) needed" + (" — run `nvmetctl diff`" if data["drift"] else "")
+            + _health_text(data.get("health", [])))
     obj.emit(data, text)
+
+
+def _health_text(rows: list[dict]) -> str:
+    bad = [r for r in rows if r["state"] != "ok"]
+    text = f"\nhealth:  {len(rows) - len(bad)} of {len(rows)} enabled namespaces answer"
+    for r in bad:
+        text += f"\n  {r['subsystem']} nsid {r['nsid']}: {r['state']}: {r['detail']}"
+    return text
 
 
 @cli.command(name="export")
@@ -343,18 +354,20 @@ def _item(value: Any) -> str:
 @click.option("--qmp-bus", help="with --qmp: the PCIe root port to plug into (a q35 root bus is not hot-pluggable)")
 @click.option("--memory", help="vhost: the VM's RAM size (512M, 4G), to include the shared memory backend "
               "in the QEMU arguments")
+@click.option("--tls", is_flag=True, help="tcp: export on the TLS port (TLS 1.3 PSK required, DH-CHAP as well); "
+              "the answer names the PSK file for the host")
 @click.option("--multipath", is_flag=True, help="tcp: two ports, ANA optimized and non-optimized, for the "
               "host's native NVMe multipath (the paths are printed)")
 @click.pass_obj
 def attach(obj: Context, vm: str, disk: str, transport: str, dpu: str | None, vm_uuid: str | None,
-           qmp_socket: str | None, qmp_bus: str | None, memory: str | None, multipath: bool) -> None:
+           qmp_socket: str | None, qmp_bus: str | None, memory: str | None, tls: bool, multipath: bool) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory, or (when nvmet-vhost loads, `[vhost] backend`) by the kernel's
     NVMe target itself, QEMU opening /dev/vhost-nvme: the output says which and why, with the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
-                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu,
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu, "tls": tls,
                        "multipath": multipath})
     if qmp_socket and result.get("vhost_backend") == "kernel":
         raise SystemExit(_fail("--qmp does not hot-plug the kernel back-end's device yet (the disk is attached): "
@@ -483,6 +496,21 @@ def disk_show(obj: Context, name: str) -> None:
     obj.emit(result, _kv(result))
 
 
+@disk.command("limits")
+@click.argument("name")
+@click.option("--riops", type=click.IntRange(min=0), help="read IOPS (0 removes the limit)")
+@click.option("--wiops", type=click.IntRange(min=0), help="write IOPS (0 removes the limit)")
+@click.option("--rmbps", type=click.IntRange(min=0), help="read MB/s, 10^6 bytes (0 removes the limit)")
+@click.option("--wmbps", type=click.IntRange(min=0), help="write MB/s, 10^6 bytes (0 removes the limit)")
+@click.option("--rwiops", type=click.IntRange(min=0), help="reads + writes IOPS: disks the vhost engine serves")
+@click.option("--rwmbps", type=click.IntRange(min=0), help="reads + writes MB/s: disks the vhost engine serves")
+@click.pass_obj
+def disk_limits(obj: Context, name: str, **limits: int | None) -> None:
+    """Set I/O limits of disk NAME, enforced at once on the running disk (options not given are kept)."""
+    result = obj.call("PUT", ("v1", "disks", name, "limits"), limits)
+    obj.emit(result, _kv({"disk": name, **result["limits"]}) if result["limits"] else f"{name}: no limits")
+
+
 @cli.group()
 def pool() -> None:
     """Create, list, show and destroy the pools disks live in."""
@@ -497,15 +525,19 @@ def pool() -> None:
               help="percent full at which new allocations are refused")
 @click.option("--capacity", help="file, nullblk: a budget, e.g. 10G")
 @click.option("--thin-pool-percent", type=click.IntRange(1, 95), help="lvm: the VG's share for thin LVs")
+@click.option("--layout", type=click.Choice(["stripe", "mirror"]),
+              help="zfs: stripe (default) or mirror (the pool survives the loss of all but one device)")
 @click.pass_obj
 def pool_create(obj: Context, name: str, devices: tuple[str, ...], kind: str, fill_threshold: float,
-                capacity: str | None, thin_pool_percent: int | None) -> None:
+                capacity: str | None, thin_pool_percent: int | None, layout: str | None) -> None:
     body: dict[str, Any] = {"name": name, "kind": kind, "devices": [os.path.abspath(d) for d in devices],
                             "fill_threshold": fill_threshold}
     if capacity is not None:
         body["capacity"] = capacity
     if thin_pool_percent is not None:
         body["thin_pool_percent"] = thin_pool_percent
+    if layout is not None:
+        body["layout"] = layout
     result = obj.call("POST", ("v1", "pools"), body)
     obj.emit(result, _kv(result))
 
@@ -524,6 +556,15 @@ def pool_list(obj: Context) -> None:
 @click.pass_obj
 def pool_show(obj: Context, name: str) -> None:
     result = obj.call("GET", ("v1", "pools", name))
+    obj.emit(result, _kv(result))
+
+
+@pool.command("repair")
+@click.argument("name")
+@click.pass_obj
+def pool_repair(obj: Context, name: str) -> None:
+    """Put a mirror's drives that are back (re-plugged) online again; ZFS resilvers them."""
+    result = obj.call("POST", ("v1", "pools", name, "repair"))
     obj.emit(result, _kv(result))
 
 
@@ -553,6 +594,15 @@ def vm_list(obj: Context) -> None:
 def vm_show(obj: Context, name: str) -> None:
     result = obj.call("GET", ("v1", "vms", name))
     obj.emit(result, json.dumps(result, indent=2))
+
+
+@vm.command("rotate-psk")
+@click.argument("name")
+@click.pass_obj
+def vm_rotate_psk(obj: Context, name: str) -> None:
+    """A new TLS PSK for VM NAME (connected hosts stay up; new connections need the new key file)."""
+    result = obj.call("POST", ("v1", "vms", name, "tls-key"))
+    obj.emit(result, _kv(result))
 
 
 _json_everywhere(cli)

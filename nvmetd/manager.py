@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvmetd import initiator, vm_scope
+from nvmetd import initiator, state_doc, throttle, vm_scope
+from nvmetd import tls as tls_psk
 from nvmetd.changelog import ChangeLog, recorded
 from nvmetd.crashpoints import crash_point
 from nvmetd.errors import SystemProblem, Unsupported, UserError
 from nvmetd.opi import state as opi_state
 from nvmetd.qmp import node_name as qmp_node_name
+from nvmetd.state_doc import DiskState
+from nvmetd.tls_keys import TlsKeys
+from nvmetd.tls_keys import key_file as tls_key_file
 from nvmetd.vhost import MAX_VHOST_NSID, EngineSpec, VhostEngines
 from nvmetd.vhost_kernel import Choice, KernelBackendMissing, choose_backend
 from nvmetd.vms import Attachment, Ports, Vm, compose, new_vm, vhost_device_id
@@ -29,6 +33,7 @@ from target.features import load_modules
 from target.model import TargetState, parse_state
 from target.restore import SystemReadiness, restore
 from target.scope import ScopedLiveTree
+from target.status import NOT_THERE
 from target.store import StateStore, set_target
 
 log = logging.getLogger("nvmetd.manager")
@@ -60,6 +65,9 @@ class AttachResult:
     notes: list[str] | None = None
     vhost_backend: str | None = None  # vhost: "kernel" (nvmet-vhost) or "engine" (nvmetd's userspace engine)
     paths: list[dict[str, str]] | None = None  # multipath: every port to connect to, with its ANA state
+    tls: bool = False
+    tls_key_file: str | None = None  # the PSK (interchange format) for the host side; the answer never holds it
+    tls_identity: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -82,6 +90,7 @@ class Manager:
         self.dpu: dict[str, Any] = {}  # [dpu] of nvmetd.toml: offload mode (nvmetd/opi/offload.py)
         self.lock = threading.RLock()  # one change at a time in this process; the store lock covers others
         self.last_result: ApplyResult | None = None
+        self.tls_keys = TlsKeys(keys_dir)
         self.changes = ChangeLog()  # the order changes took effect in (nvmetd --change-log)
         # What this process knows, so that one VM's attach or detach costs the same with 5 VMs or 5,000: the
         # device path of every disk it activated, the port attributes it read (target/scope.py) and the
@@ -103,30 +112,62 @@ class Manager:
         return _pools().open_pool(name, self.pools_root)
 
     def _disk_pool(self, doc: dict[str, Any], disk: str) -> str:
-        entry = doc.get("disks", {}).get(disk)
-        if entry is None or entry.get("state", "ready") != "ready":
+        entry = state_doc.disk(doc, disk)
+        if entry is None or not entry.ready:
             raise UserError(f"no disk named {disk!r} (see `nvmetctl disk list`)")
-        return entry["pool"]
+        return entry.pool
 
     # ------------------------------------------------------------------ reconcile
     def _devices(self, doc: dict[str, Any]) -> dict[str, str]:
         """Disk -> file or block device of every attached disk, activating volumes on the way (idempotent)."""
+        by_pool: dict[str, list[str]] = {}  # one ledger transaction per pool, not one per disk
+        wanted = [d for vm in self._vms(doc).values() for d in vm.attachments] + list(opi_state.disks(doc))
+        for disk in dict.fromkeys(wanted):
+            by_pool.setdefault(self._disk_pool(doc, disk), []).append(disk)
         devices: dict[str, str] = {}
+        for pool, disks in by_pool.items():
+            devices.update(self._pool(pool).attach_many(disks))
         for vm in self._vms(doc).values():
-            for disk in vm.attachments:
-                if disk not in devices:
-                    devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
-        for disk in opi_state.disks(doc):  # the volumes of OPI namespaces (nvmetd/opi/)
-            if disk not in devices:
-                devices[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+            for disk, att in vm.attachments.items():
+                devices[disk] = self._throttled(doc, disk, att, devices[disk])
         self._device_paths = dict(devices)
         return devices
 
-    def _device(self, doc: dict[str, Any], disk: str) -> str:
+    def _activate(self, doc: dict[str, Any], disk: str, att: Attachment) -> str:
+        """The volume, activated (and throttled where it has limits)."""
+        return self._throttled(doc, disk, att, self._pool(self._disk_pool(doc, disk)).attach(disk))
+
+    @staticmethod
+    def _throttled(doc: dict[str, Any], disk: str, att: Attachment, device: str) -> str:
+        """A disk the kernel target serves (loop, tcp, rdma, kernel vhost) and that has limits is served through
+        its own throttled device (nvmetd/throttle.py): nvmet's bios are limited there, whoever submits them. The
+        engine limits in its own token bucket instead (engine_specs)."""
+        limits = throttle.Limits.model_validate(doc["disks"][disk].get("limits", {}))
+        # once made, the device stays while the disk is attached: removing the last limit changes no device path
+        if att.in_kernel and (limits.per_direction() or throttle.exists(disk)):
+            device = throttle.device_for(disk, device)
+        return device
+
+    def _apply_limits(self, doc: dict[str, Any], devices: dict[str, str]) -> None:
+        for disk, device in devices.items():
+            if device.startswith(f"/dev/mapper/{throttle.DM_PREFIX}"):
+                throttle.apply(device, throttle.Limits.model_validate(doc["disks"][disk]["limits"]))
+
+    def _device(self, doc: dict[str, Any], disk: str, att: Attachment) -> str:
         """One disk's device: activated once, then known (a pool's ledger is not re-read per change)."""
         if disk not in self._device_paths:
-            self._device_paths[disk] = self._pool(self._disk_pool(doc, disk)).attach(disk)
+            self._device_paths[disk] = self._activate(doc, disk, att)
         return self._device_paths[disk]
+
+    @staticmethod
+    def _check_limits_path(disk: str, limits: throttle.Limits, att: Attachment) -> None:
+        """Each path enforces one kind of limit exactly: refuse the other kind rather than ignore it."""
+        if att.in_kernel and limits.combined():
+            raise Unsupported(f"{limits.combined()[0]}: disk {disk!r} is served by the kernel target, whose "
+                              "blk-throttle limits reads and writes separately: use riops/wiops/rmbps/wmbps")
+        if not att.in_kernel and limits.per_direction():
+            raise Unsupported(f"{limits.per_direction()[0]}: disk {disk!r} is served by the vhost engine, whose "
+                              "token bucket counts reads and writes together: use rwiops/rwmbps")
 
     def _load_modules(self, state: TargetState) -> None:
         wanted = {p.trtype for p in state.ports} | {"nvmet"}
@@ -146,10 +187,13 @@ class Manager:
     def engine_specs(self, doc: dict[str, Any], devices: dict[str, str]) -> list[EngineSpec]:
         specs = []
         for vm in sorted(self._vms(doc).values(), key=lambda v: v.name):
-            namespaces = {a.nsid: (disk, devices[disk]) for disk, a in vm.attachments.items()
-                          if a.transport == "vhost" and a.backend == "engine"}
+            served = {disk: a for disk, a in vm.attachments.items()
+                      if a.transport == "vhost" and a.backend == "engine"}
+            namespaces = {a.nsid: (disk, devices[disk]) for disk, a in served.items()}
+            limits = {a.nsid: throttle.Limits.model_validate(doc["disks"][disk]["limits"]).engine()
+                      for disk, a in served.items() if doc["disks"][disk].get("limits")}
             if namespaces:
-                specs.append(EngineSpec(vm, namespaces))
+                specs.append(EngineSpec(vm, namespaces, limits))
         return specs + opi_state.engine_specs(doc, devices)
 
     def reconcile(self, wait: float = 0.0) -> ApplyResult:
@@ -168,37 +212,42 @@ class Manager:
             else:
                 load_modules(state)
                 self._modules_loaded = {p.trtype for p in state.ports} | {"nvmet"}
+                self.tls_keys.sync(self._vms(doc))  # keys before the TLS port admits anyone
                 # outside boot too, a port whose address is not up (yet) is pending, not failed: the drift timer
                 # retries it
                 result = (restore(state, self.cfs, timeout=wait) if wait
                           else apply_state(state, self.cfs, readiness=SystemReadiness()))
+            self._apply_limits(doc, devices)
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
             crash_point("reconcile.after_kernel")
             self._release_detached(doc)
             self.last_result = result
             return result
 
-    def _reconcile_vm(self, vm_name: str, before: Vm | None) -> ApplyResult:
+    def _reconcile_vm(self, vm_name: str, before: Vm | None, doc: dict[str, Any] | None = None) -> ApplyResult:
         """After one VM's attach or detach: plan, read and activate only what that VM has (nvmetd/vm_scope.py).
 
         Anything short of convergence falls back to the full reconcile, so a failure is reported (and repaired)
-        exactly as before."""
-        doc = self.store.load()
+        exactly as before. `doc`: the document the caller's transaction just saved (not parsed again)."""
+        doc = self.store.load() if doc is None else doc
         raw = doc.get("vms", {}).get(vm_name)
         vm = Vm.model_validate(raw) if raw is not None else before
         if vm is None or "kernel" in (vm.vhost_backend(), before.vhost_backend() if before else None):
             return self.reconcile()  # the scope (vm_scope, target/scope.py) knows nvmetd's fabric ports only
         ports = self._ports(doc)
-        devices = {disk: self._device(doc, disk) for disk in vm.attachments}
+        devices = {disk: self._device(doc, disk, a) for disk, a in vm.attachments.items()}
         state = vm_scope.vm_state(vm, devices, ports, vm_scope.transports_in_use(doc))
         if not self.cfs.exists() and state == TargetState():
             result = ApplyResult()
         else:
             self._load_modules(state)
+            if vm_scope.uses_tls(vm) or vm_scope.uses_tls(before):
+                self.tls_keys.sync_vm(vm)  # this VM's key before its TLS link admits it, or revoked after
             live = ScopedLiveTree(self.cfs, [vm.hostnqn], [vm.subnqn], vm_scope.port_ids(ports), self._port_attrs)
             result = apply_state(state, self.cfs, live=live)
+        self._apply_limits(doc, devices)
         if vm_scope.uses_vhost(before) or vm_scope.uses_vhost(vm):
-            vhost_devices = {disk: self._device(doc, disk) for other in self._vms(doc).values()
+            vhost_devices = {disk: self._device(doc, disk, a) for other in self._vms(doc).values()
                              for disk, a in other.attachments.items() if a.transport == "vhost"}
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, vhost_devices)))
         crash_point("reconcile.after_kernel")
@@ -217,20 +266,27 @@ class Manager:
         attached = {d for vm in doc.get("vms", {}).values() for d in vm.get("attachments", {})}
         for disk in sorted(disks - attached):
             self._device_paths.pop(disk, None)
-            entry = doc.get("disks", {}).get(disk)
-            if entry is not None and entry.get("state", "ready") == "ready":
-                pool = self._pool(entry["pool"])
+            entry = state_doc.disk(doc, disk)
+            if entry is not None and entry.ready:
+                if "limits" in doc["disks"][disk]:
+                    throttle.release(disk)  # the throttled device sits on the volume: before closing it
+                pool = self._pool(entry.pool)
                 if pool.info(disk).attached:
                     pool.detach(disk)
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
         """Close volumes no VM uses any more (LUKS mappings, LV activation): the end of a detach, even after a crash."""
         attached = {d for vm in self._vms(doc).values() for d in vm.attachments} | set(opi_state.disks(doc))
-        for disk, entry in doc.get("disks", {}).items():
-            if disk not in attached and entry.get("state", "ready") == "ready":
-                pool = self._pool(entry["pool"])
-                if pool.info(disk).attached:
-                    pool.detach(disk)
+        by_pool: dict[str, list[str]] = {}  # each pool's ledger read and written once, not once per disk
+        for disk, entry in state_doc.disks(doc).items():
+            if disk not in attached and entry.ready:
+                if "limits" in doc["disks"][disk]:
+                    throttle.release(disk)  # the throttled device sits on the volume: before closing it
+                by_pool.setdefault(entry.pool, []).append(disk)
+        for name, disks in by_pool.items():
+            pool = self._pool(name)
+            ledger = pool.ledger.load()
+            pool.detach_many([d for d in disks if pool.info(d, ledger).attached])
 
     # ------------------------------------------------------------------ target
     def apply_base(self, state: TargetState) -> ApplyResult:
@@ -251,13 +307,13 @@ class Manager:
         validate.safe_name(name, "disk name")
         with self.lock:
             with self.store.transaction() as doc:
-                existing = doc.get("disks", {}).get(name)
-                if existing is not None and existing.get("state", "ready") == "ready":
-                    if existing["pool"] != pool:
-                        raise UserError(f"disk {name!r} exists already, on pool {existing['pool']!r}")
+                existing = state_doc.disk(doc, name)
+                if existing is not None and existing.ready:
+                    if existing.pool != pool:
+                        raise UserError(f"disk {name!r} exists already, on pool {existing.pool!r}")
                     return self.disk_info(name)  # a retried create returns the same disk
                 self._pool(pool)  # the pool must exist before anything is journalled
-                doc.setdefault("disks", {})[name] = {"pool": pool, "state": "creating"}
+                doc.setdefault("disks", {})[name] = _disk_entry(pool, DiskState.CREATING)
             crash_point("create.after_journal")
             backend = self._pool(pool)
             try:
@@ -270,7 +326,27 @@ class Manager:
                 raise
             crash_point("create.after_volume")
             with self.store.transaction() as doc:
-                doc["disks"][name] = {"pool": pool, "state": "ready"}
+                doc["disks"][name] = _disk_entry(pool, DiskState.READY)
+            return self.disk_info(name)
+
+    def set_limits(self, name: str, changes: dict[str, int | None]) -> dict[str, Any]:
+        """Merge `changes` into the disk's limits (0 removes one); enforced at once, on the running disk."""
+        with self.lock:
+            with self.store.transaction() as doc:
+                self._disk_pool(doc, name)
+                merged = {**doc["disks"][name].get("limits", {}),
+                          **{k: v for k, v in changes.items() if v is not None}}
+                limits = throttle.Limits.model_validate({k: v for k, v in merged.items() if v})
+                for vm in self._vms(doc).values():
+                    if name in vm.attachments:
+                        self._check_limits_path(name, limits, vm.attachments[name])
+                if limits.per_direction():
+                    try:
+                        throttle.check_available()
+                    except SystemProblem as exc:
+                        raise Unsupported(str(exc)) from None
+                doc["disks"][name]["limits"] = limits.model_dump(exclude_none=True)
+            self.reconcile()
             return self.disk_info(name)
 
     def disk_info(self, name: str) -> dict[str, Any]:
@@ -279,12 +355,13 @@ class Manager:
         info = self._pool(pool).info(name)
         data = info.to_dict() if hasattr(info, "to_dict") else dict(info.__dict__)
         data["pool"] = pool
+        data["limits"] = doc["disks"][name].get("limits", {})
         data["attached_to"] = sorted(vm.name for vm in self._vms(doc).values() if name in vm.attachments)
         return data
 
     def list_disks(self) -> list[dict[str, Any]]:
-        disks = self.store.load().get("disks", {})
-        return [self.disk_info(n) for n in sorted(disks) if disks[n].get("state", "ready") == "ready"]
+        disks = state_doc.disks(self.store.load())
+        return [self.disk_info(n) for n in sorted(disks) if disks[n].ready]
 
     @recorded("delete")
     def delete_disk(self, name: str) -> None:
@@ -296,7 +373,7 @@ class Manager:
                 users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
-                doc["disks"][name]["state"] = "deleting"
+                doc["disks"][name]["state"] = DiskState.DELETING.value
             crash_point("delete.after_journal")
             self._finish_delete(name, pool)
 
@@ -314,11 +391,11 @@ class Manager:
     def _finish_journal(self) -> list[str]:
         """Roll back creates and finish deletes that a crash interrupted."""
         done = []
-        for name, entry in list(self.store.load().get("disks", {}).items()):
-            state = entry.get("state", "ready")
-            if state in ("creating", "deleting"):
-                self._finish_delete(name, entry["pool"])
-                done.append(f"disk {name}: {'rolled back create' if state == 'creating' else 'finished delete'}")
+        for name, entry in state_doc.disks(self.store.load()).items():
+            if not entry.ready:
+                self._finish_delete(name, entry.pool)
+                done.append(f"disk {name}: "
+                            f"{'rolled back create' if entry.state is DiskState.CREATING else 'finished delete'}")
         return done
 
     @recorded("resize")
@@ -358,7 +435,7 @@ class Manager:
             if new_name not in set(backend.volumes()):
                 backend.clone(name, snap, new_name)
             with self.store.transaction() as doc:
-                doc.setdefault("disks", {})[new_name] = {"pool": pool}
+                doc.setdefault("disks", {})[new_name] = _disk_entry(pool, DiskState.READY)
             return self.disk_info(new_name)
 
     # ------------------------------------------------------------------ VMs
@@ -374,8 +451,11 @@ class Manager:
 
     @recorded("attach")
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None, dpu: str | None = None, multipath: bool = False) -> AttachResult:
+               memory: str | None = None, dpu: str | None = None, tls: bool = False,
+               multipath: bool = False) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
+        if tls and transport != "tcp":
+            raise UserError("tls: TLS is for --transport tcp")
         if transport == "dpu" or vm_name in self.store.load().get("offload", {}):
             from nvmetd.opi.offload import Offload
 
@@ -393,6 +473,8 @@ class Manager:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, disk)
                 self._check_transport(chosen, doc)
+                if tls:
+                    self._check_tls()
                 vms = doc.setdefault("vms", {})
                 before = Vm.model_validate(vms[vm_name]) if vm_name in vms else None
                 vm = before.model_copy(deep=True) if before is not None else new_vm(vm_name, vm_uuid)
@@ -401,9 +483,6 @@ class Manager:
                 for other, entry in vms.items():  # the stored dicts: no model validation per VM on the host
                     if other != vm_name and disk in entry.get("attachments", {}):
                         raise UserError(f"disk {disk!r} is attached to VM {other!r}; a disk serves one VM")
-                for other in self._vms(doc).values():
-                    if other.name != vm_name and disk in other.attachments:
-                        raise UserError(f"disk {disk!r} is attached to VM {other.name!r}; a disk serves one VM")
                 if disk in opi_state.disks(doc):
                     raise UserError(f"disk {disk!r} is the volume of {opi_state.disks(doc)[disk][0]} (OPI API)")
                 current = vm.attachments.get(disk)
@@ -413,6 +492,12 @@ class Manager:
                 if current is not None and current.multipath != multipath:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} "
                                     f"{'with' if current.multipath else 'without'} multipath; detach it first")
+                if current is not None and current.tls != tls:
+                    how = "with" if current.tls else "without"
+                    raise UserError(f"tls: disk {disk!r} is attached to {vm_name!r} {how} TLS; "
+                                    "detach it first to change that")
+                if tls and vm.tls_psk is None:
+                    vm.tls_psk = tls_psk.generate_psk()
                 backend = "engine"
                 if chosen == "vhost":
                     if current is not None:
@@ -424,24 +509,27 @@ class Manager:
                             raise Unsupported(str(exc)) from None
                     why = f"{why}; {backend} back-end: {bwhy}"
                 self._check_kernel_vhost_mix(vm, disk, chosen, backend)
+                if doc["disks"][disk].get("limits"):
+                    self._check_limits_path(disk, throttle.Limits.model_validate(doc["disks"][disk]["limits"]),
+                                            Attachment(nsid=1, transport=chosen, backend=backend))
                 if current is None:
                     nsid = vm.next_nsid()
                     if chosen == "vhost" and backend == "engine" and nsid > MAX_VHOST_NSID:
                         raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
-                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend,
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend, tls=tls,
                                                       multipath=multipath)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
-            result = self._reconcile_vm(vm_name, before)
+            result = self._reconcile_vm(vm_name, before, doc)
             crash_point("attach.after_reconcile")
             key = f"namespace {vm.subnqn}/{vm.attachments[disk].nsid}"
-            bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
+            bad = [s for s in result.objects.values() if s.status in NOT_THERE]
             if bad:
                 where = "the vhost engine" if chosen == "vhost" and backend == "engine" else "the kernel"
                 raise SystemProblem(f"attached in the desired state, but {where} is not there yet: "
                                     + "; ".join(f"{s.label}: {s.reason}" for s in bad[:3]) + f" ({key})")
-            return self._attach_result(vm_name, disk, why, memory)
+            return self._attach_result(vm_name, disk, why, memory, doc)
 
     @staticmethod
     def _check_kernel_vhost_mix(vm: Vm, disk: str, transport: str, backend: str) -> None:
@@ -465,6 +553,15 @@ class Manager:
             raise Unsupported("no RDMA address is configured: set ports.rdma_address in nvmetd.toml (an address "
                               "on an RDMA-capable interface, e.g. rdma_rxe), then reload nvmetd")
 
+    @staticmethod
+    def _check_tls() -> None:
+        """Refused before it is stored, as for rdma: a stored TLS attachment on a kernel without the .nvme
+        keyring would fail every later reconcile."""
+        try:
+            tls_psk.keyring_serial()
+        except SystemProblem as exc:
+            raise Unsupported(f"tls: {exc}") from None
+
     def _key_file(self, vm: Vm) -> Path:
         self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.keys_dir / f"{vm.name}.dhchap"
@@ -476,8 +573,9 @@ class Manager:
                 f.write(vm.dhchap_key)
         return path
 
-    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None) -> AttachResult:
-        doc = self.store.load()
+    def _attach_result(self, vm_name: str, disk: str, why: str, memory: str | None = None,
+                       doc: dict[str, Any] | None = None) -> AttachResult:
+        doc = self.store.load() if doc is None else doc
         vm = Vm.model_validate(doc["vms"][vm_name])
         att = vm.attachments[disk]
         if att.transport == "vhost":
@@ -485,6 +583,8 @@ class Manager:
         ports = self._ports(doc)
         traddr = {"tcp": ports.tcp_address, "rdma": ports.rdma_address or ""}.get(att.transport, "")
         trsvcid = {"tcp": ports.tcp_port, "rdma": ports.rdma_port}.get(att.transport, "")
+        if att.tls:
+            traddr, trsvcid = ports.tls_address or ports.tcp_address, ports.tls_port
         key_file = self._key_file(vm)
         device = None
         qemu: list[str] = []
@@ -498,8 +598,30 @@ class Manager:
         if att.multipath:  # nvmet reports each port's ANA state; the host's native multipath picks the optimized
             paths = [{"traddr": traddr, "trsvcid": trsvcid, "ana_state": "optimized"},
                      {"traddr": traddr, "trsvcid": ports.tcp_standby_port, "ana_state": "non-optimized"}]
-        return AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
-                            str(key_file), device, qemu, paths=paths)
+        result = AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
+                              str(key_file), device, qemu, paths=paths)
+        if att.tls:
+            result.tls, result.tls_identity = True, tls_psk.identity(vm.hostnqn, vm.subnqn)
+            result.tls_key_file = str(tls_key_file(self.keys_dir, vm))
+            result.notes = ["the port requires TLS 1.3 with this PSK and DH-CHAP with dhchap_key_file: put the PSK "
+                            "into the host's .nvme keyring (nvme tls-key --import, or nvme connect --tls "
+                            "--tls-key) and run tlshd there"]
+        return result
+
+    def rotate_tls_key(self, vm_name: str) -> dict[str, Any]:
+        """A new PSK for the VM: the keyring and key file get it at once; sessions already up keep running
+        (TLS has negotiated its keys), the next connection needs the new PSK."""
+        with self.lock:
+            with self.store.transaction() as doc:
+                vms = doc.get("vms", {})
+                vm = _stored_vm(vms, vm_name)
+                if not any(a.tls for a in vm.attachments.values()):
+                    raise UserError(f"vm: VM {vm_name!r} has no disk attached with TLS")
+                vm.tls_psk = tls_psk.generate_psk()
+                vms[vm_name] = vm.model_dump()
+            result = self.reconcile()
+            return {"vm": vm_name, "tls_key_file": str(tls_key_file(self.keys_dir, vm)),
+                    "tls_identity": tls_psk.identity(vm.hostnqn, vm.subnqn), "converged": result.converged}
 
     def _vhost_result(self, vm: Vm, disk: str, att: Attachment, why: str, memory: str | None) -> AttachResult:
         """All vhost disks of a VM are namespaces of one controller: the QEMU arguments are the same for each,
@@ -547,9 +669,7 @@ class Manager:
         with self.lock:
             with self.store.transaction() as doc:
                 vms = doc.get("vms", {})
-                if vm_name not in vms:
-                    raise UserError(f"no VM named {vm_name!r}")
-                before = Vm.model_validate(vms[vm_name])
+                before = _stored_vm(vms, vm_name)
                 vm = before.model_copy(deep=True)
                 removed = vm.attachments.pop(disk, None)
                 vms[vm_name] = vm.model_dump()
@@ -557,7 +677,7 @@ class Manager:
             if removed is not None and removed.transport == "loop" and not any(
                     a.transport == "loop" for a in vm.attachments.values()):
                 _disconnect_host(vm)
-            result = self._reconcile_vm(vm_name, before)
+            result = self._reconcile_vm(vm_name, before, doc)
             return {"vm": vm_name, "disk": disk, "detached": removed is not None, "converged": result.converged}
 
     def list_vms(self) -> list[dict[str, Any]]:
@@ -570,6 +690,8 @@ class Manager:
         vm = vms[name]
         info = {"name": vm.name, "uuid": vm.uuid, "host_nqn": vm.hostnqn, "subsystem_nqn": vm.subnqn,
                 "disks": {d: a.model_dump() for d, a in sorted(vm.attachments.items())}}
+        if any(a.tls for a in vm.attachments.values()):
+            info["tls_key_file"] = str(tls_key_file(self.keys_dir, vm))
         backend = vm.vhost_backend()
         if backend is not None:
             info["vhost_backend"] = backend
@@ -611,7 +733,19 @@ class Manager:
         return self.reconcile(wait=wait)
 
 
+def _disk_entry(pool: str, state: DiskState) -> dict[str, Any]:
+    """A disk as stored (nvmetd.state_doc.Disk): every writer records its state."""
+    return state_doc.Disk(pool=pool, state=state).model_dump(mode="json")
+
+
 def _disconnect_host(vm: Vm) -> None:
     import subprocess
 
     subprocess.run(["nvme", "disconnect", "-n", vm.subnqn], capture_output=True, check=False)
+
+
+def _stored_vm(vms: dict[str, Any], name: str) -> Vm:
+    """The VM of that name in the stored document, validated; a user error if there is none."""
+    if name not in vms:
+        raise UserError(f"no VM named {name!r}")
+    return Vm.model_validate(vms[name])

@@ -14,10 +14,11 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from target.status import CONVERGED
+
 # /sys/block/<dev>/stat fields (Documentation/block/stat.rst); sectors are always 512 bytes there
 _STAT_FIELDS = {"read_ios": 0, "read_sectors": 2, "read_ticks_ms": 3, "write_ios": 4, "write_sectors": 6,
                 "write_ticks_ms": 7}
-_CONVERGED = ("ok", "changed", "removed")
 
 
 def block_stats(device: str) -> dict[str, int] | None:
@@ -60,6 +61,7 @@ class _Collector:
                     nbytes.add_metric(values, stats[f"{d}_sectors"] * 512)
                     seconds.add_metric(values, stats[f"{d}_ticks_ms"] / 1000)
         yield from (ios, nbytes, seconds)
+        yield _health_metric(cfs)
 
         status = self.manager.status()
         size = GaugeMetricFamily("nvmetd_pool_size_bytes", "pool capacity", labels=["pool", "kind"])
@@ -80,7 +82,7 @@ class _Collector:
         reconcile = status["reconcile"]
         if reconcile:
             for key, st in sorted(reconcile["objects"].items()):
-                converged.add_metric([key, st["status"]], 1 if st["status"] in _CONVERGED else 0)
+                converged.add_metric([key, st["status"]], 1 if st["status"] in CONVERGED else 0)
         yield converged
         last = GaugeMetricFamily("nvmetd_reconcile_converged", "1 if the last reconcile converged (absent before "
                                  "the first one)")
@@ -90,6 +92,19 @@ class _Collector:
         generation = GaugeMetricFamily("nvmetd_state_generation", "generation of the durable state")
         generation.add_metric([], status["generation"])
         yield generation
+
+
+def _health_metric(cfs) -> Metric:
+    from nvmetd import ns_health
+    from target.live import read_state
+
+    healthy = GaugeMetricFamily("nvmetd_namespace_healthy", "1 if a read of the enabled namespace's backing device "
+                                "returned (state: ok, missing, io-error, stalled)",
+                                labels=["subsystem", "nsid", "device", "state"])
+    for row in ns_health.namespaces(read_state(cfs)):
+        healthy.add_metric([row["subsystem"], str(row["nsid"]), row["device_path"], row["state"]],
+                           1 if row["state"] == "ok" else 0)
+    return healthy
 
 
 def render_metrics(manager) -> tuple[bytes, str]:

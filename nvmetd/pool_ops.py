@@ -58,6 +58,8 @@ def create_pool(m: Manager, kind: str, name: str, devices: list[str], fill_thres
         if name in pools.list_pools(m.pools_root):
             raise UserError(f"a pool named {name!r} exists already")
         _check_devices(kind, devices)
+        if options.get("layout") not in (None, "stripe") and kind != "zfs":
+            raise UserError(f"a {kind} pool has no layout {options['layout']!r}: layouts are for zfs pools")
         return pools.create_pool(kind, name, devices, root=m.pools_root, fill_threshold=fill_threshold,
                                  **options).status().to_dict()
 
@@ -70,6 +72,18 @@ def pool_info(m: Manager, name: str) -> dict[str, Any]:
     info = m._pool(name).status().to_dict()
     info["disks"] = sorted(d for d, e in m.store.load().get("disks", {}).items() if e.get("pool") == name)
     return info
+
+
+def repair_pool(m: Manager, name: str) -> dict[str, Any]:
+    """Put a redundant pool's members that are present again back online; answers the pool as it is then."""
+    with m.lock:
+        backend = m._pool(name)
+        if not hasattr(backend, "repair"):
+            raise UserError(f"pool {name!r} ({backend.kind}) has no members to repair")
+        onlined = backend.repair()
+        info = pool_info(m, name)
+        info["onlined"] = onlined
+        return info
 
 
 def destroy_pool(m: Manager, name: str) -> dict[str, Any]:

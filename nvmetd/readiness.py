@@ -13,12 +13,13 @@ import threading
 from collections.abc import Callable
 
 from target.apply import ApplyResult
+from target.status import NOT_THERE
 
 log = logging.getLogger("nvmetd.readiness")
 
 
 def why_not_converged(result: ApplyResult, what: str) -> str:
-    bad = [s for s in result.objects.values() if s.status in ("failed", "pending", "skipped")]
+    bad = [s for s in result.objects.values() if s.status in NOT_THERE]
     detail = "; ".join(f"{s.status} {s.label}" + (f": {s.reason}" if s.reason else "") for s in bad[:3])
     more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
     return f"{what} did not converge: {detail or 'no object reported'}{more}"

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nvmetd import ns_health
 from nvmetd.changelog import ChangeLog
 from nvmetd.errors import UserError
 from nvmetd.manager import DEFAULT_KEYS_DIR, Manager
@@ -200,6 +201,10 @@ class Service:
                 result = self.manager.reconcile()
                 if result.writes:
                     log.warning("repaired drift: %d configfs changes", result.writes)
+                if self.manager.cfs.exists():
+                    with self.manager.lock:  # a device replaced under a namespace: nvmet must re-open it
+                        for line in ns_health.reopen_replaced(self.manager.cfs):
+                            log.warning("%s", line)
                 self.readiness.converged(result, "reconcile")
             except Exception as exc:
                 log.exception("reconcile failed")

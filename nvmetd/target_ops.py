@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nvmetd import ns_health
 from nvmetd.errors import SystemProblem, UserError
 from nvmetd.vms import SUBSYSTEM_PREFIX, compose
 from target.apply import diff
@@ -78,6 +79,7 @@ class TargetOps:
             "live": {**_counts(live),
                      "enabled_namespaces": sum(1 for s in live.subsystems for n in s.namespaces if n.enable)},
             "drift": len(diff(desired, cfs)),
+            "health": ns_health.namespaces(live),
         }
 
     def export(self, live: bool = False, nvmetcli: bool = False, with_secrets: bool = False) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvmetd.vms import Vm
@@ -34,10 +34,12 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What one VM's engine should serve: nsid -> (disk name, file or block device)."""
+    """What one VM's engine should serve: nsid -> (disk name, file or block device), and nsid -> (IOPS, bytes/s)
+    for its token bucket (left out: unlimited)."""
 
     vm: Vm
     namespaces: dict[int, tuple[str, str]]
+    limits: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class VhostEngines:
@@ -50,6 +52,9 @@ class VhostEngines:
         self.socket_group = socket_group
         self.owner = ""  # the state file whose VMs these engines serve (set by the Manager)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # (vm uuid, nsid) -> the (IOPS, bytes/s) last set on that namespace by this process: the engine does not
+        # report them, so a new nvmetd sets each namespace's limits once, then only what changed
+        self._limits_set: dict[tuple[str, int], tuple[int, int]] = {}
 
     # Paths are named after the VM's UUID: validated, short enough for a Unix socket path, and stable.
     def socket_path(self, vm: Vm) -> Path:
@@ -95,6 +100,7 @@ class VhostEngines:
             want = spec.namespaces.get(nsid)
             if want is None or want[0] != entry.name:
                 client.detach(nsid)
+                self._limits_set.pop((spec.vm.uuid, nsid), None)
                 log.info("vm=%s nsid=%d disk=%s: namespace detached from the vhost engine", spec.vm.name, nsid,
                          entry.name)
                 changed = True
@@ -102,8 +108,16 @@ class VhostEngines:
         for nsid, (disk, path) in sorted(spec.namespaces.items()):
             if nsid not in current:
                 client.attach(nsid, path, disk)
+                self._limits_set.pop((spec.vm.uuid, nsid), None)
                 log.info("vm=%s nsid=%d disk=%s: namespace attached to the vhost engine", spec.vm.name, nsid, disk)
                 changed = True
+        for nsid, (disk, _path) in sorted(spec.namespaces.items()):
+            want, key = spec.limits.get(nsid, (0, 0)), (spec.vm.uuid, nsid)
+            if self._limits_set.get(key) != want:
+                client.set_limits(nsid, *want)  # takes effect on the running queues (vn_ns_set_limits)
+                self._limits_set[key] = want
+                log.info("vm=%s nsid=%d disk=%s: engine limits %d IOPS, %d bytes/s (0: none)", spec.vm.name, nsid,
+                         disk, *want)
         return changed
 
     # ------------------------------------------------------------------ processes

@@ -15,10 +15,10 @@ from target.model import TargetState
 
 
 def transports_in_use(doc: dict[str, Any]) -> set[str]:
-    """Kernel transports any VM of the stored state has a disk on (a walk of the stored dicts, no validation),
-    and the standby port when any disk is attached with multipath."""
+    """nvmetd ports (a kernel transport, `tls` for the TLS port, or the multipath standby port) any VM of the
+    stored state has a disk on (a walk of the stored dicts, no validation)."""
     attachments = [a for vm in doc.get("vms", {}).values() for a in vm.get("attachments", {}).values()]
-    used = {a.get("transport") for a in attachments} & set(KERNEL_TRANSPORTS)
+    used = {"tls" if a.get("tls") else a.get("transport") for a in attachments} & {*KERNEL_TRANSPORTS, "tls"}
     return used | ({STANDBY} if any(a.get("multipath") for a in attachments) else set())
 
 
@@ -29,14 +29,18 @@ def vm_state(vm: Vm, devices: dict[str, str], ports: Ports, in_use: set[str]) ->
     VMs only is kept (with this VM's link removed), and a port no VM uses any more is removed, as the full
     reconcile would do."""
     state = compose(TargetState(), {vm.name: vm}, devices, ports)
-    linked = {STANDBY if p.id == ports.tcp_standby_id else p.trtype for p in state.ports}
-    others = [ports.port(t, []) for t in sorted(in_use - linked)]
+    linked = {p.id for p in state.ports}  # by id: the TLS and standby ports' trtype is tcp too
+    others = [ports.port(t, []) for t in sorted(in_use) if ports.ids()[t] not in linked]
     return state.model_copy(update={"ports": [*state.ports, *others]})
 
 
 def port_ids(ports: Ports) -> list[int]:
-    return [ports.tcp_id, ports.loop_id, ports.rdma_id, ports.tcp_standby_id]
+    return [ports.tcp_id, ports.loop_id, ports.rdma_id, ports.tls_id, ports.tcp_standby_id]
 
 
 def uses_vhost(vm: Vm | None) -> bool:
     return vm is not None and any(a.transport == "vhost" for a in vm.attachments.values())
+
+
+def uses_tls(vm: Vm | None) -> bool:
+    return vm is not None and any(a.tls for a in vm.attachments.values())

@@ -44,6 +44,7 @@ class Attachment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     nsid: int = Field(ge=1, le=1024)
     transport: Transport
+    tls: bool = False  # tcp only: exported on the TLS port (treq required, tsas tls1.3)
     # vhost only: who serves the controller (nvmetd.vhost_kernel); state files from before it mean the engine
     backend: Literal["engine", "kernel"] = "engine"
     # tcp only: the VM's subsystem is also on the standby port (ANA non-optimized), a second path for the host
@@ -53,6 +54,8 @@ class Attachment(BaseModel):
     def _multipath_is_tcp(self) -> Attachment:
         if self.multipath and self.transport != "tcp":
             raise ValueError(f"multipath needs transport tcp (two tcp ports with ANA groups), not {self.transport}")
+        if self.multipath and self.tls:
+            raise ValueError("multipath and tls: the standby port is plain tcp; use one or the other")
         return self
 
     @property
@@ -60,18 +63,28 @@ class Attachment(BaseModel):
         """Served by nvmet: a fabrics transport, or vhost on the kernel back-end."""
         return self.transport in KERNEL_TRANSPORTS or (self.transport == "vhost" and self.backend == "kernel")
 
+    @property
+    def export(self) -> str:
+        """The nvmetd port this disk is exported on: its transport, or `tls` for the TLS port."""
+        return "tls" if self.tls else self.transport
+
 
 class Vm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     uuid: str
     dhchap_key: str
+    tls_psk: str | None = None  # interchange format; minted at the first TLS attach, replaced by rotation
     attachments: dict[str, Attachment] = Field(default_factory=dict)  # disk name -> attachment
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return validate.safe_name(value, "VM name")
+
+    def __repr_args__(self):  # keep secrets out of reprs and logs
+        for name, value in super().__repr_args__():
+            yield name, ("<secret>" if name in ("dhchap_key", "tls_psk") and value else value)
 
     @field_validator("uuid")
     @classmethod
@@ -119,8 +132,24 @@ class Ports(BaseModel):
     rdma_address: str | None = None
     rdma_port: str = "4420"
     vhost_id: int = 4423
-    tcp_standby_id: int = 4424  # multipath's second path: same address, its own service id
-    tcp_standby_port: str = "4430"
+    # TLS needs a port of its own: treq/tsas are per port, and plain-TCP VMs must keep working
+    tls_id: int = 4425
+    tls_address: str | None = None  # default: tcp_address
+    tls_port: str = "4430"
+    tcp_standby_id: int = 4424  # multipath's second path: same address as tcp, its own service id
+    tcp_standby_port: str = "4432"
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> Ports:
+        ids = [self.tcp_id, self.loop_id, self.rdma_id, self.vhost_id, self.tls_id, self.tcp_standby_id]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"ports: nvmetd's port ids must differ (tcp, loop, rdma, vhost, tls, standby: {ids})")
+        return self
+
+    def ids(self) -> dict[str, int]:
+        """nvmetd's port id per export (transport, `tls`, or the multipath standby port)."""
+        return {"tcp": self.tcp_id, "loop": self.loop_id, "rdma": self.rdma_id, "vhost": self.vhost_id,
+                "tls": self.tls_id, STANDBY: self.tcp_standby_id}
 
     def port(self, transport: str, subsystems: list[str]) -> Port:
         if transport == STANDBY:
@@ -128,6 +157,10 @@ class Ports(BaseModel):
             return Port(id=self.tcp_standby_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
                         trsvcid=self.tcp_standby_port, subsystems=subsystems,
                         ana_groups=[AnaGroup(grpid=1, state="non-optimized")])
+        if transport == "tls":
+            address = self.tls_address or self.tcp_address
+            return Port(id=self.tls_id, trtype="tcp", adrfam="ipv6" if ":" in address else "ipv4", traddr=address,
+                        trsvcid=self.tls_port, treq="required", tsas="tls1.3", subsystems=subsystems)
         if transport == "tcp":
             family = "ipv6" if ":" in self.tcp_address else "ipv4"
             return Port(id=self.tcp_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
@@ -149,7 +182,7 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     `devices` maps disk name -> the file or block device its namespace opens (from the backend).
     """
     data: dict[str, Any] = base.model_dump()
-    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": [], STANDBY: []}
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": [], "tls": [], STANDBY: []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
         kernel = {disk: a for disk, a in vm.attachments.items() if a.in_kernel}
         if not kernel:
@@ -168,7 +201,7 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
         data["subsystems"].append(Subsystem(nqn=vm.subnqn, allowed_hosts=[host], model="nvmetd virtual disk",
                                             serial=vm.uuid.replace("-", "")[:20],
                                             namespaces=namespaces).model_dump())
-        for transport in sorted({a.transport for a in kernel.values()}):
+        for transport in sorted({a.export for a in kernel.values()}):
             exported[transport].append(vm.subnqn)
         if any(a.multipath for a in kernel.values()):
             exported[STANDBY].append(vm.subnqn)

@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from rig.drives import DRIVES_ENV, Drives, for_run
+
 REPO = Path(__file__).resolve().parent.parent
 GUEST_INIT = REPO / "rig" / "guest-init.sh"
 KERNEL_GLOB = "vmlinuz-6.12.*-amd64"
@@ -72,15 +74,19 @@ def guest_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
 
 
-def build_argv(command: list[str], memory: str, cpus: int, workdir: Path, progress: Path | None = None) -> list[str]:
+def build_argv(command: list[str], memory: str, cpus: int, workdir: Path, progress: Path | None = None,
+               drives: Drives | None = None) -> list[str]:
     """The vng argv. The guest command goes through rig/guest-init.sh, which prepares configfs and udev.
-    `progress` is a file in the shared repo where the guest's pytest writes the test it is running (conftest.py)."""
+    `progress` is a file in the shared repo where the guest's pytest writes the test it is running (conftest.py);
+    `drives` are emulated NVMe drives the guest finds by serial (rig/drives.py)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise RigError("qemu-system-x86_64 is not installed: run `make setup`")
     mounts = ":".join(f"nvmetd_py{i}={p}" for i, p in enumerate(python_dirs()))
     env = [f"{k}={v}" for k, v in sorted(guest_env().items())] + [f"NVMETD_RIG_MOUNTS={mounts}"]
     if progress is not None:
         env.append(f"{PROGRESS_ENV}={progress}")
+    if drives is not None:
+        env.append(f"{DRIVES_ENV}={','.join(drives.serials())}")
     inner = ["env", *env, "bash", str(GUEST_INIT), str(workdir), *command]
     return [
         _vng(),
@@ -92,6 +98,7 @@ def build_argv(command: list[str], memory: str, cpus: int, workdir: Path, progre
         "--append", "nvme_core.multipath=N",  # one block device per controller
         "--exec", shlex.join(inner),
         *cached_python_mounts(),  # qemu options: must come last
+        *(f"--qemu-opts={token}" for token in (drives.qemu_opts() if drives else [])),
     ]
 
 
@@ -120,10 +127,19 @@ def run(command: list[str], memory: str = "3G", cpus: int = 2, timeout: float = 
     progress = REPO / ".rig" / f"progress-{os.getpid()}"
     progress.parent.mkdir(exist_ok=True)
     progress.unlink(missing_ok=True)
-    argv = build_argv(command, memory, cpus, workdir, progress)
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    with rig_slot(os.environ.get(SLOTS_ENV, "")):
-        return supervise(argv, {**os.environ, "PATH": path}, timeout, progress)
+    drives = for_run(REPO)
+    try:
+        if drives is not None:
+            drives.create()
+        argv = build_argv(command, memory, cpus, workdir, progress, drives)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        with rig_slot(os.environ.get(SLOTS_ENV, "")):
+            if drives is not None:
+                drives.start_relay()
+            return supervise(argv, {**os.environ, "PATH": path}, timeout, progress)
+    finally:
+        if drives is not None:
+            drives.remove()  # the images are per boot
 
 
 @contextlib.contextmanager

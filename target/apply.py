@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from target.configfs import ConfigFS, ConfigfsError
 from target.layout import FlatState, flatten
 from target.live import LiveTree
 from target.model import TargetState
-from target.plan import Op, plan
+from target.plan import Link, Mkdir, Op, Rmdir, Unlink, Write, plan
+from target.status import CONVERGED, Status
 
 log = logging.getLogger("nvmetd.target")
 
-OK, CHANGED, REMOVED, FAILED, PENDING, SKIPPED = "ok", "changed", "removed", "failed", "pending", "skipped"
+OK, CHANGED, REMOVED, FAILED, PENDING, SKIPPED = (Status.OK, Status.CHANGED, Status.REMOVED, Status.FAILED,
+                                                 Status.PENDING, Status.SKIPPED)
 
 
 @dataclass
 class ObjectStatus:
-    status: str
+    status: Status
     label: str
     reason: str = ""
     blocking: bool = False  # the object does not exist (or is not ready): dependents cannot proceed
@@ -44,9 +45,9 @@ class ApplyResult:
 
     @property
     def converged(self) -> bool:
-        return all(s.status in (OK, CHANGED, REMOVED) for s in self.objects.values())
+        return all(s.status in CONVERGED for s in self.objects.values())
 
-    def by_status(self, status: str) -> dict[str, ObjectStatus]:
+    def by_status(self, status: Status) -> dict[str, ObjectStatus]:
         return {k: v for k, v in self.objects.items() if v.status == status}
 
     def to_dict(self) -> dict[str, object]:
@@ -91,13 +92,6 @@ def apply_state(desired: TargetState, cfs: ConfigFS, prune: bool = True,
 def _execute(ops: list[Op], flat: FlatState, cfs: ConfigFS, live: LiveTree, ready: Readiness,
              result: ApplyResult) -> None:
     status = result.objects
-    actions: dict[str, Callable[[Op], None]] = {
-        "mkdir": lambda op: cfs.mkdir(op.path),
-        "rmdir": lambda op: cfs.rmdir(op.path),
-        "write": lambda op: cfs.write(op.path, op.attr or "", op.value or ""),
-        "link": lambda op: cfs.symlink(op.target or "", op.path),
-        "unlink": lambda op: cfs.unlink(op.path),
-    }
     for op in ops:
         blocked = next((d for d in op.deps if d in status and status[d].blocking and d != op.obj), None)
         if blocked is not None:
@@ -112,7 +106,7 @@ def _execute(ops: list[Op], flat: FlatState, cfs: ConfigFS, live: LiveTree, read
             _mark(status, op, PENDING, waiting, blocking=True)
             continue
         try:
-            actions[op.action](op)
+            _do(op, cfs)
         except ConfigfsError as exc:
             reason = _explain(op, exc, flat)
             log.warning("%s: %s", op.label, reason)
@@ -120,10 +114,24 @@ def _execute(ops: list[Op], flat: FlatState, cfs: ConfigFS, live: LiveTree, read
             continue
         log.debug("%s", op.describe())
         if op.obj not in status:
-            status[op.obj] = ObjectStatus(REMOVED if op.action in ("rmdir", "unlink") else CHANGED, op.label)
+            status[op.obj] = ObjectStatus(REMOVED if op.removes else CHANGED, op.label)
 
 
-def _mark(status: dict[str, ObjectStatus], op: Op, kind: str, reason: str, blocking: bool) -> None:
+def _do(op: Op, cfs: ConfigFS) -> None:
+    match op:
+        case Mkdir():
+            cfs.mkdir(op.path)
+        case Rmdir():
+            cfs.rmdir(op.path)
+        case Write():
+            cfs.write(op.path, op.attr, op.value)
+        case Link():
+            cfs.symlink(op.target, op.path)
+        case Unlink():
+            cfs.unlink(op.path)
+
+
+def _mark(status: dict[str, ObjectStatus], op: Op, kind: Status, reason: str, blocking: bool) -> None:
     current = status.get(op.obj)
     if current is not None and current.status == FAILED:
         return
@@ -131,9 +139,9 @@ def _mark(status: dict[str, ObjectStatus], op: Op, kind: str, reason: str, block
 
 
 def _not_ready(op: Op, flat: FlatState, ready: Readiness) -> str | None:
-    if op.wait_device:
+    if isinstance(op, Write) and op.wait_device:
         return ready.device_missing(op.wait_device)
-    if op.wait_port:
+    if isinstance(op, Link) and op.wait_port:
         port = flat.port_models.get(op.wait_port)
         if port is not None and port.trtype in ("tcp", "rdma"):
             return ready.address_missing(port.adrfam, port.traddr)
@@ -143,13 +151,13 @@ def _not_ready(op: Op, flat: FlatState, ready: Readiness) -> str | None:
 def _explain(op: Op, exc: ConfigfsError, flat: FlatState) -> str:
     """Turn a bare errno into something a person can act on."""
     what = op.describe()
-    if op.action == "write" and op.attr == "enable" and op.value == "1":
+    if isinstance(op, Write) and op.attr == "enable" and op.value == "1":
         node = flat.namespaces.get(op.path) or flat.passthru.get(op.path)
         device = node.device if node else None
         if exc.errno == errno.ENOENT:
             return f"cannot enable: device {device} does not exist"
         return f"cannot enable with device {device}: {exc.strerror}"
-    if op.action == "link" and op.wait_port:
+    if isinstance(op, Link) and op.wait_port:
         port = flat.port_models.get(op.wait_port)
         addr = f"{port.traddr}:{port.trsvcid}" if port else op.wait_port
         if exc.errno == errno.EADDRNOTAVAIL:
@@ -157,9 +165,9 @@ def _explain(op: Op, exc: ConfigfsError, flat: FlatState) -> str:
         if exc.errno == errno.EADDRINUSE:
             return f"address {addr} is already in use"
         return f"cannot enable port {addr} ({port.trtype if port else '?'}): {exc.strerror}"
-    if op.action == "rmdir" and exc.errno == errno.ENOTEMPTY:
+    if isinstance(op, Rmdir) and exc.errno == errno.ENOTEMPTY:
         return f"{what}: still has children (refused by the kernel)"
-    if op.secret:
+    if isinstance(op, Write) and op.secret:
         return f"the kernel rejected {op.path}/{op.attr}: {exc.strerror}"
     return f"{what}: {exc.strerror}"
 

@@ -15,27 +15,76 @@ from target.live import LiveTree
 
 
 @dataclass(frozen=True)
-class Op:
-    action: str  # mkdir | rmdir | write | link | unlink
+class _Op:
+    """What every operation has: the path it acts on and the object whose status it decides."""
+
     path: str  # directory, or link path
     obj: str  # the object whose status this op decides (its path)
     label: str
-    attr: str | None = None
-    value: str | None = None
-    target: str | None = None
     deps: tuple[str, ...] = ()  # objects that must exist and not be failed/pending
-    wait_device: str | None = None  # a device that must be present (namespace/passthru enable)
-    wait_port: str | None = None  # a port whose address must be present (port link = port enable)
-    secret: bool = False
-    creates: bool = False  # failure means the object does not exist: dependents are skipped
+
+    @property
+    def creates(self) -> bool:
+        """Failure means the object does not exist: dependents are skipped."""
+        return False
+
+    @property
+    def removes(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Mkdir(_Op):
+    @property
+    def creates(self) -> bool:
+        return True
 
     def describe(self) -> str:
-        if self.action == "write":
-            shown = "<secret>" if self.secret else repr(self.value)
-            return f"set {self.path}/{self.attr} = {shown}"
-        if self.action == "link":
-            return f"link {self.path} -> {self.target}"
-        return f"{self.action} {self.path}"
+        return f"mkdir {self.path}"
+
+
+@dataclass(frozen=True)
+class Rmdir(_Op):
+    @property
+    def removes(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"rmdir {self.path}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Write(_Op):
+    attr: str
+    value: str
+    secret: bool = False  # never shown: describe() and errors say <secret>
+    wait_device: str | None = None  # a device that must be present (namespace/passthru enable)
+
+    def describe(self) -> str:
+        shown = "<secret>" if self.secret else repr(self.value)
+        return f"set {self.path}/{self.attr} = {shown}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link(_Op):
+    target: str
+    wait_port: str | None = None  # a port whose address must be present (port link = port enable)
+
+    def describe(self) -> str:
+        return f"link {self.path} -> {self.target}"
+
+
+@dataclass(frozen=True)
+class Unlink(_Op):
+    @property
+    def removes(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"unlink {self.path}"
+
+
+Op = Mkdir | Rmdir | Write | Link | Unlink  # one variant per configfs action, each with only the fields it uses
 
 
 def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
@@ -61,32 +110,33 @@ def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
         for nqn in subs:
             lp = f"{ppath}/subsystems/{nqn}"
             if (prune or lp in desired_links) and (lp not in desired_links or ppath in quiesced_ports):
-                removals.append(Op("unlink", lp, lp, f"subsystem {nqn} on {ppath}"))
+                removals.append(Unlink(lp, lp, f"subsystem {nqn} on {ppath}"))
     if prune:
         for refs in live.referrals.values():
-            removals += [Op("rmdir", r, r, f"referral {r}") for r in refs if r not in desired.referrals]
+            removals += [Rmdir(r, r, f"referral {r}") for r in refs if r not in desired.referrals]
         for groups in live.ana_groups.values():
-            removals += [Op("rmdir", g, g, f"ANA group {g}") for g in groups
+            removals += [Rmdir(g, g, f"ANA group {g}") for g in groups
                          if g not in desired.ana_groups and not g.endswith("/ana_groups/1")]
         for nss in live.namespaces.values():
-            removals += [Op("rmdir", n, n, f"namespace {n}") for n in nss if n not in desired.namespaces]
+            removals += [Rmdir(n, n, f"namespace {n}") for n in nss if n not in desired.namespaces]
         for spath in live.subsystems:
             ppath = f"{spath}/passthru"
             # the kernel refuses passthru on a subsystem with namespaces: no need to read those
             if ppath not in desired.passthru and not live.namespaces[spath] and live.attr(ppath, "enable") == "1":
-                removals.append(Op("write", ppath, ppath, f"passthru {spath}", "enable", "0"))
+                removals.append(Write(ppath, ppath, f"passthru {spath}", attr="enable", value="0"))
         for spath, hosts in live.allowed_hosts.items():
             for host in hosts:
                 lp = f"{spath}/allowed_hosts/{host}"
                 if lp not in desired_links:
-                    removals.append(Op("unlink", lp, lp, f"host {host} allowed on {spath}"))
-        removals += [Op("rmdir", s, s, s) for s in live.subsystems if s not in desired.subsystems]
-        removals += [Op("rmdir", p, p, p) for p in live.ports if p not in desired.ports]
-        removals += [Op("rmdir", h, h, h) for h in live.hosts if h not in desired.hosts]
+                    removals.append(Unlink(lp, lp, f"host {host} allowed on {spath}"))
+        removals += [Rmdir(s, s, s) for s in live.subsystems if s not in desired.subsystems]
+        removals += [Rmdir(p, p, p) for p in live.ports if p not in desired.ports]
+        removals += [Rmdir(h, h, h) for h in live.hosts if h not in desired.hosts]
 
     # --- creation and changes, dependency order ---
     if desired.discovery_nqn is not None and live.discovery_nqn() != desired.discovery_nqn:
-        changes.append(Op("write", "", "discovery_nqn", "discovery NQN", "discovery_nqn", desired.discovery_nqn))
+        changes.append(Write("", "discovery_nqn", "discovery NQN", attr="discovery_nqn",
+                             value=desired.discovery_nqn))
     for node in desired.hosts.values():
         changes += _node_ops(node, live, live_objects, ())
     for node in desired.ports.values():
@@ -108,7 +158,7 @@ def plan(desired: FlatState, live: LiveTree, prune: bool = True) -> list[Op]:
             continue
         deps = (owner.path, target)
         wait_port = owner.path if owner.kind == "port" else None
-        op = Op("link", lp, lp, label, target=target, deps=deps, wait_port=wait_port)
+        op = Link(lp, lp, label, deps=deps, target=target, wait_port=wait_port)
         (links_late if owner.kind == "port" else changes).append(op)
 
     return removals + changes + links_late
@@ -119,7 +169,7 @@ def _node_ops(node: Node, live: LiveTree, live_objects: set[str], deps: tuple[st
     dep = tuple(d for d in deps if d)
     exists = node.implicit or node.path in live_objects
     if not exists:
-        ops.append(Op("mkdir", node.path, node.path, node.label, deps=dep, creates=True))
+        ops.append(Mkdir(node.path, node.path, node.label, deps=dep))
     dep_self = (*dep, node.path) if not exists else dep
     # A fresh directory already holds the kernel's defaults; empty strings cannot be written at all (EFAULT).
     if exists:
@@ -131,14 +181,14 @@ def _node_ops(node: Node, live: LiveTree, live_objects: set[str], deps: tuple[st
     live_enable = live.attr(node.path, "enable") if exists and node.enable is not None else None
     needs_disable = node.enable is not None and live_enable == "1" and any(s.quiesce for s, _ in writes)
     if needs_disable:
-        ops.append(Op("write", node.path, node.path, node.label, "enable", "0", deps=dep_self))
+        ops.append(Write(node.path, node.path, node.label, deps=dep_self, attr="enable", value="0"))
     for spec, value in writes:
-        ops.append(Op("write", node.path, node.path, node.label, spec.file, value, deps=dep_self,
-                      secret=spec.secret))
+        ops.append(Write(node.path, node.path, node.label, deps=dep_self, attr=spec.file, value=value,
+                         secret=spec.secret))
     if node.enable is not None and (needs_disable or live_enable != node.enable):
         wait = node.device if node.enable == "1" and node.kind in ("namespace", "passthru") else None
-        ops.append(Op("write", node.path, node.path, node.label, "enable", node.enable, deps=dep_self,
-                      wait_device=wait))
+        ops.append(Write(node.path, node.path, node.label, deps=dep_self, attr="enable", value=node.enable,
+                         wait_device=wait))
     return ops
 
 
@@ -146,4 +196,4 @@ def describe(ops: list[Op]) -> list[str]:
     return [op.describe() for op in ops]
 
 
-__all__ = ["Op", "describe", "layout", "plan"]
+__all__ = ["Link", "Mkdir", "Op", "Rmdir", "Unlink", "Write", "describe", "layout", "plan"]

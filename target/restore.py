@@ -19,6 +19,7 @@ from target.apply import ApplyResult, Readiness, apply_state
 from target.configfs import ConfigFS
 from target.features import load_modules, require
 from target.model import TargetState
+from target.status import Status
 
 log = logging.getLogger("nvmetd.restore")
 
@@ -111,9 +112,9 @@ def restore(state: TargetState, cfs: ConfigFS, timeout: float = 120.0, max_inter
         while not result.converged and time.monotonic() < deadline:
             if on_progress:
                 on_progress(result)
-            pending = result.by_status("pending")
+            pending = result.by_status(Status.PENDING)
             log.info("restore round %d: %d objects pending, %d failed", rounds, len(pending),
-                     len(result.by_status("failed")))
+                     len(result.by_status(Status.FAILED)))
             got_event = waiter.wait(min(interval, max(0.0, deadline - time.monotonic())))
             interval = 0.25 if got_event else min(interval * 2, max_interval)
             readiness.refresh()

@@ -138,10 +138,13 @@ PATH_OPERATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/disks/{name}/snapshots", {"snapshot": "s1"}),
     ("POST", "/v1/disks/{name}/clones", {"snapshot": "s1", "name": "fresh"}),
     ("GET", "/v1/pools/{name}", None),
+    ("POST", "/v1/pools/{name}/repair", None),
     ("DELETE", "/v1/pools/{name}", None),
     ("GET", "/v1/vms/{vm}", None),
     ("PUT", "/v1/vms/{vm}/disks/{disk}", {"transport": "tcp"}),
     ("DELETE", "/v1/vms/{vm}/disks/{disk}", None),
+    ("POST", "/v1/vms/{vm}/tls-key", None),
+    ("PUT", "/v1/disks/{name}/limits", {"riops": 100}),
 ]
 
 

@@ -99,3 +99,7 @@ class EngineClient:
 
     def detach(self, nsid: int) -> None:
         self.call(p.Req.NS_DETACH, p.NS_ID.pack(nsid, 0))
+
+    def set_limits(self, nsid: int, iops: int, bps: int) -> None:
+        """NS_SET_LIMITS: the namespace's token bucket (reads and writes together; 0 = unlimited)."""
+        self.call(p.Req.NS_SET_LIMITS, p.NS_LIMITS.pack(nsid, 0, iops, bps))

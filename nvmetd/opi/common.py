@@ -18,6 +18,7 @@ import grpc
 from nvmetd.errors import SystemProblem, UserError
 from nvmetd.manager import Manager
 from nvmetd.opi import state as opi_state
+from target.status import NOT_THERE
 
 log = logging.getLogger("nvmetd.opi")
 
@@ -116,7 +117,7 @@ class Service:
                 raise
             keys = needles(result)
             bad = [s for k, s in applied.objects.items()
-                   if s.status in ("failed", "pending", "skipped") and any(n in k for n in keys)]
+                   if s.status in NOT_THERE and any(n in k for n in keys)]
             if bad:
                 self._put_back(before)
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "the kernel refused it: " + "; ".join(

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
+from nvmetd import state_doc
 from nvmetd.opi import state as opi_state
 from nvmetd.opi.common import Refused, Service, checked, exists, in_use, invalid, new_id, not_found, page, parse
 from nvmetd.opi.stats import volume_stats
@@ -296,8 +297,8 @@ class Frontend(Service, pb_grpc.FrontendNvmeServiceServicer):
             if match.group(1) not in opi.remote_controllers:
                 raise not_found("remote controller", f"nvmeRemoteControllers/{match.group(1)}")
         else:
-            entry = doc.get("disks", {}).get(volume)
-            if entry is None or entry.get("state", "ready") != "ready":
+            entry = state_doc.disk(doc, volume)
+            if entry is None or not entry.ready:
                 raise not_found("volume (nvmetd disk)", volume)
             users = [vm for vm, v in doc.get("vms", {}).items() if volume in v.get("attachments", {})]
             if users:

@@ -11,6 +11,7 @@ physical separation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -60,14 +61,6 @@ def make_cgroup(cpu: str = "1") -> None:
     (CGROUP / "cpuset.cpus").write_text(cpu)
 
 
-def cgroup_usage_usec() -> int:
-    for line in (CGROUP / "cpu.stat").read_text().splitlines():
-        key, value = line.split()
-        if key == "usage_usec":
-            return int(value)
-    raise RuntimeError("cpu.stat has no usage_usec")
-
-
 def remove_cgroup() -> None:
     """Kill what is left in the DPU's cgroup (its engines: only processes this software DPU started)."""
     if not CGROUP.is_dir():
@@ -75,10 +68,17 @@ def remove_cgroup() -> None:
     for pid in (CGROUP / "cgroup.procs").read_text().split():
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while (CGROUP / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    CGROUP.rmdir()
+    # an engine killed with dirty pages of a remote namespace writes them back as it closes the device: slow
+    # under emulation, so its exit takes a while
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            CGROUP.rmdir()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 class SoftDpu:
@@ -92,6 +92,11 @@ class SoftDpu:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 300.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the DPU's nvmetd without waiting for it (its start-up can overlap other work)."""
         (self.base / "nvmetd.toml").write_text("")
         with open(self.base / "dpu.log", "ab") as log:
             self.proc = subprocess.Popen(
@@ -102,17 +107,26 @@ class SoftDpu:
                  "--config", str(self.base / "nvmetd.toml"), "--restore-timeout", "1", "--drift-interval", "3600"],
                 stdout=log, stderr=subprocess.STDOUT)
         (CGROUP / "cgroup.procs").write_text(str(self.proc.pid))  # before its engines start: they inherit it
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("the DPU's nvmetd exited: " + (self.base / "dpu.log").read_text()[-2000:])
+                raise RuntimeError("the DPU's nvmetd exited: " + self.log_tail())
             try:
                 with grpc.insecure_channel(f"unix:{self.opi}") as ch:
                     fgrpc.FrontendNvmeServiceStub(ch).ListNvmeSubsystems(fpb.ListNvmeSubsystemsRequest(), timeout=5)
                 return
             except grpc.RpcError:
                 time.sleep(0.3)
-        raise RuntimeError("the DPU's nvmetd did not answer: " + (self.base / "dpu.log").read_text()[-2000:])
+        raise RuntimeError("the DPU's nvmetd did not answer: " + self.log_tail())
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return (self.base / "dpu.log").read_text()[-chars:]
+        except OSError:
+            return ""
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -4,19 +4,19 @@ One nvmetd plays both ends of a DPU's storage path: an OPI subsystem on a file d
 storage target; an OPI remote controller + path connects to it through libnvme (a kernel nvme-tcp controller);
 a second OPI subsystem re-exports that remote namespace on another TCP controller; a host connects there with
 nvme-cli and writes, and the data is read back from the storage target's backing file. Then everything is
-deleted through the API and the kernel is left as it was."""
+deleted through the API and the kernel is left as it was. The nvmetd is the session's (opi_world.py), shared
+with test_opi_offload.py."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
+from collections.abc import Iterator
 
 import grpc
 import pytest
 from pydpu import storage
 
-from backends import pools
 from nvmetd.opi.stubs import backend_nvme_pb2 as bpb
 from nvmetd.opi.stubs import backend_nvme_pb2_grpc as bgrpc
 from nvmetd.opi.stubs import frontend_nvme_pb2 as fpb
@@ -24,6 +24,7 @@ from nvmetd.opi.stubs import frontend_nvme_pb2_grpc as fgrpc
 from nvmetd.opi.stubs import opicommon_pb2 as common
 from target.configfs import ConfigFS
 from tests.kernel import hostside
+from tests.kernel.opi_world import OpiWorld
 from tests.kernel.service_fixture import Daemon
 
 pytestmark = pytest.mark.kernel
@@ -41,19 +42,15 @@ def tcp_controller(parent: str, cid: str, port: str) -> fpb.CreateNvmeController
 
 
 @pytest.fixture
-def daemon(cfs: ConfigFS, scratch: Path):
-    d = Daemon(scratch)
-    (scratch / "nvmetd.toml").write_text("")
-    pools.create_pool("file", "files", devices=[str(scratch / "files")], root=d.pools_root)
-    d.start()
-    yield d
-    d.stop()
+def daemon(opi_world: OpiWorld, cfs: ConfigFS) -> Iterator[Daemon]:
+    """The session's nvmetd (tests/kernel/opi_world.py); the nvme connections this test made go afterwards."""
+    yield opi_world.host
     hostside.disconnect(FRONT_NQN)
     hostside.disconnect(STORAGE_NQN)
 
 
 def test_opi_remote_path_reexported_end_to_end(daemon: Daemon, cfs: ConfigFS) -> None:
-    daemon.ctl("disk", "create", "store0", "--pool", "files", "--size", "64M")
+    assert daemon.request("POST", "/v1/disks", {"name": "store0", "pool": "files", "size": "16M"}).status_code == 200
     addr = f"unix:{daemon.socket.parent / 'opi.sock'}"
     front = fgrpc.FrontendNvmeServiceStub(grpc.insecure_channel(addr))
     back = bgrpc.NvmeRemoteControllerServiceStub(grpc.insecure_channel(addr))
@@ -102,7 +99,7 @@ def test_opi_remote_path_reexported_end_to_end(daemon: Daemon, cfs: ConfigFS) ->
     device = hostside.namespace_device(FRONT_NQN, 1, "tcp")
     size = 4 << 20
     hostside.write_read_verify(device, size=size, seed=13)
-    backing = daemon.ctl_json("disk", "show", "store0")["device_path"]
+    backing = daemon.request("GET", "/v1/disks/store0").json()["device_path"]
     expected = hashlib.shake_256(b"nvmetd-13").digest(size)
     assert hostside.direct_read(backing, size) == expected  # the bytes landed on the storage target's volume
 
@@ -126,3 +123,4 @@ def test_opi_remote_path_reexported_end_to_end(daemon: Daemon, cfs: ConfigFS) ->
     front.DeleteNvmeSubsystem(fpb.DeleteNvmeSubsystemRequest(name="nvmeSubsystems/storage"))
     assert cfs.listdir("subsystems") == [] and cfs.listdir("ports") == []
     assert os.path.exists(backing)
+    assert daemon.request("DELETE", "/v1/disks/store0").status_code == 200

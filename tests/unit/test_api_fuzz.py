@@ -207,3 +207,19 @@ def test_a_trailing_slash_is_not_redirected_to_another_name(world: World, client
         # 404: no such route; 400: an encoded '/' is refused before routing
         assert resp.status_code == (400 if "%2F" in path else 404) and "location" not in resp.headers
     assert client.get("/v1/disks/t-slash").status_code == 200
+
+
+def test_tls_and_limits_this_host_cannot_enforce_are_refused_before_they_are_recorded(
+        world: World, client: httpx.Client) -> None:
+    """TLS over a transport other than tcp is bad input; TLS without a .nvme keyring and limits without
+    device-mapper (this host's kernel has neither) are refused before the state changes, as rdma is."""
+    world.manager.create_disk("t-sec", "files", "4M")
+    generation = world.manager.store.load()["generation"]
+    resp = client.put("/v1/vms/vm-sec/disks/t-sec", json={"transport": "loop", "tls": True})
+    assert resp.status_code == 400 and resp.json()["error"].startswith("tls:")
+    resp = client.put("/v1/vms/vm-sec/disks/t-sec", json={"transport": "tcp", "tls": True})
+    assert resp.status_code == 409 and resp.json()["error"].startswith("tls:")
+    resp = client.put("/v1/disks/t-sec/limits", json={"riops": 100})
+    assert resp.status_code == 409 and "device-mapper" in resp.json()["error"]
+    assert client.put("/v1/disks/t-sec/limits", json={"riops": -1}).status_code == 422
+    assert world.manager.store.load()["generation"] == generation

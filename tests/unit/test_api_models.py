@@ -39,7 +39,11 @@ VALID: dict[type[BaseModel], st.SearchStrategy[dict[str, Any]]] = {
     api.Clone: st.fixed_dictionaries({"snapshot": volume_names(), "name": volume_names()}),
     api.AttachRequest: st.fixed_dictionaries({}, optional={
         "transport": st.sampled_from(["auto", "tcp", "loop", "rdma", "vhost"]),
-        "vm_uuid": st.one_of(st.none(), st.uuids().map(str))}),
+        "vm_uuid": st.one_of(st.none(), st.uuids().map(str)), "tls": st.booleans()}),
+    api.LimitsRequest: st.fixed_dictionaries({}, optional={
+        "riops": st.integers(0, 10_000_000), "wiops": st.integers(0, 10_000_000),
+        "rmbps": st.integers(0, 1_000_000), "wmbps": st.integers(0, 1_000_000),
+        "rwiops": st.integers(0, 10_000_000), "rwmbps": st.integers(0, 1_000_000)}),
     api.PoolCreate: st.fixed_dictionaries(
         {"name": volume_names(32), "kind": st.sampled_from(["file", "lvm", "zfs", "nullblk"])},
         optional={"devices": st.lists(st.text(string.ascii_letters + "/._-", min_size=1, max_size=30).map(
@@ -49,7 +53,8 @@ VALID: dict[type[BaseModel], st.SearchStrategy[dict[str, Any]]] = {
 }
 NAME_FIELDS = {api.DiskCreate: ["name", "pool", "tenant"], api.Snapshot: ["snapshot"], api.Clone: ["snapshot", "name"],
                api.PoolCreate: ["name"]}
-ALL_MODELS = [api.DiskCreate, api.DiskResize, api.Snapshot, api.Clone, api.AttachRequest, api.PoolCreate]
+ALL_MODELS = [api.DiskCreate, api.DiskResize, api.Snapshot, api.Clone, api.AttachRequest, api.PoolCreate,
+              api.LimitsRequest]
 
 
 def test_every_request_model_is_covered() -> None:
@@ -130,3 +135,12 @@ def test_any_json_is_accepted_or_refused_cleanly(model: type[BaseModel], data: s
 def test_a_misspelt_field_is_an_error() -> None:
     errors = refused(api.DiskCreate, {"name": "d", "pool": "p", "size": "1M", "thinn": False}).errors()
     assert errors[0]["loc"] == ("thinn",)
+
+
+@pytest.mark.parametrize("field", ["riops", "wiops", "rmbps", "wmbps"])
+@given(value=st.integers(max_value=-1) | st.integers(min_value=10_000_001) | st.floats() | st.booleans()
+       | st.text(max_size=8) | st.lists(st.integers(), max_size=2))
+def test_bad_limits_are_refused_naming_the_field(field: str, value: object) -> None:
+    """Negative, non-integer (a numeric string or a bool included) and absurdly large limits."""
+    errors = refused(api.LimitsRequest, {field: value}).errors()
+    assert {e["loc"][0] for e in errors} == {field}

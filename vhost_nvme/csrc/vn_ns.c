@@ -134,6 +134,12 @@ static uint64_t xorshift(uint64_t *s)
 #define PROBE_PSYNC_OPS	4000
 #define PROBE_URING_OPS	4000
 #define PROBE_QD	32
+/*
+ * Each contender stops after its ops or this long, whichever comes first: on a slow device (a remote
+ * NVMe/TCP namespace under emulation, a busy disk) 20,000 probe reads took longer than the management
+ * client's timeout and NS_ATTACH failed.  IOPS are done/elapsed either way.
+ */
+#define PROBE_BUDGET_NS	(250ull * 1000 * 1000)
 
 static double probe_uring(int fd, uint64_t span, int qd, uint8_t *buf)
 {
@@ -145,8 +151,8 @@ static double probe_uring(int fd, uint64_t span, int qd, uint8_t *buf)
 	if (io_uring_queue_init(PROBE_QD * 2, &ring, 0) < 0)
 		return 0;
 	t0 = vn_now_ns();
-	while (done < PROBE_URING_OPS) {
-		while (inflight < qd && submitted < PROBE_URING_OPS) {
+	while (done < submitted || (done < PROBE_URING_OPS && vn_now_ns() - t0 < PROBE_BUDGET_NS)) {
+		while (inflight < qd && submitted < PROBE_URING_OPS && vn_now_ns() - t0 < PROBE_BUDGET_NS) {
 			struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
 			uint64_t off = (xorshift(&seed) % (span / VN_PAGE_SIZE)) * VN_PAGE_SIZE;
 
@@ -174,7 +180,7 @@ static double probe_psync(int fd, uint64_t span, uint8_t *buf, uint64_t *seed)
 	uint64_t t0 = vn_now_ns();
 	int i;
 
-	for (i = 0; i < PROBE_PSYNC_OPS; i++) {
+	for (i = 0; i < PROBE_PSYNC_OPS && vn_now_ns() - t0 < PROBE_BUDGET_NS; i++) {
 		uint64_t off = (xorshift(seed) % (span / VN_PAGE_SIZE)) * VN_PAGE_SIZE;
 
 		if (pread(fd, buf, VN_PAGE_SIZE, (off_t)off) < 0)
