@@ -254,6 +254,10 @@ class Cluster:
         self._wait(clean, "all placement groups active+clean", timeout)
         return time.monotonic() - t0
 
+    def wait_pgs(self, ready: Any, what: str, timeout: float = 600) -> None:
+        """Wait until `ready(states)` holds for the cluster's PG state counts (`pg_states`)."""
+        self._wait(lambda: ready(self.pg_states()), what, timeout)
+
     def wait_pg(self, pgid: str, ready: Any, what: str, timeout: float = 600) -> None:
         def state() -> bool:
             doc = self.command("pg ls")
