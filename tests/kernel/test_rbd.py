@@ -299,6 +299,10 @@ def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Clust
     pool.delete("scrub")
 
 
+# Not yet proven: the rig boots nvme_core with multipath=N (read-only parameter) and nvmet itself depends on
+# nvme_core (passthru), so multipath_host's reload cannot run while nvmet exports the disk; needs a boot with
+# multipath=Y or a reload of the whole target stack.
+@pytest.mark.long
 def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Backend, cfs: ConfigFS,
                                                         daemon: Daemon) -> None:
     """`attach --multipath`: the VM's subsystem on two tcp ports, ANA optimized and non-optimized. A host with
