@@ -13,7 +13,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from backends.errors import BackendError, ToolError, UnavailableError
 from backends.run import run
@@ -34,14 +34,16 @@ class Client:
     conf: str
     keyring: str
     user: str = "admin"
+    connect_timeout: int = CONNECT_TIMEOUT
 
     def args(self) -> list[str]:
         return ["--conf", self.conf, "--keyring", self.keyring, "--id", self.user,
-                "--client_mount_timeout", str(CONNECT_TIMEOUT), "--rados_mon_op_timeout", "60"]
+                "--client_mount_timeout", str(self.connect_timeout), "--rados_mon_op_timeout", "60"]
 
     # ------------------------------------------------------------------ checks before any change
-    def check(self) -> None:
-        """Config and keyring usable, a monitor answering: else UnavailableError naming the cause."""
+    def check(self) -> list[str]:
+        """Config and keyring usable, a monitor answering: else UnavailableError naming the cause. Returns the
+        cluster's pool names: the probe is a question the caller has anyway (one CLI start-up, not two)."""
         if not _USER_RE.match(self.user):
             raise BackendError(f"ceph user {self.user!r} is not a cephx user name (letters, digits, . _ -)")
         conf = Path(self.conf)
@@ -60,16 +62,19 @@ class Client:
         if mode & 0o077:
             raise UnavailableError(f"ceph keyring {self.keyring} is mode {mode:04o}: it must be 0600 (readable "
                                    "by its owner only), it holds the cluster key")
-        self.ceph("status")
+        return list(self.ceph_json("osd", "pool", "ls") or [])
 
     # ------------------------------------------------------------------ commands
     def _run(self, tool: str, argv: list[str], timeout: float) -> str:
         proc = run([tool, *self.args(), *argv], check=False, timeout=timeout)
         if proc.returncode == 0:
             return proc.stdout
-        detail = _scrub(proc.stderr.strip() or proc.stdout.strip())
+        self._fail(tool, argv, proc.stderr.strip() or proc.stdout.strip(), proc.returncode)
+
+    def _fail(self, tool: str, argv: list[str], output: str, returncode: int) -> NoReturn:
+        detail = _scrub(output)
         lines = [_LOG_PREFIX.sub("", line).strip() for line in detail.splitlines() if line.strip()]
-        tail = lines[-1] if lines else f"exit status {proc.returncode}"
+        tail = lines[-1] if lines else f"exit status {returncode}"
         low = detail.lower()
         where = f"{tool} {' '.join(argv[:3])}"
         if "permission denied" in low or "errno 13" in low:
@@ -80,6 +85,20 @@ class Client:
 
     def ceph(self, *argv: str, timeout: float = 120) -> str:
         return self._run("ceph", list(argv), timeout)
+
+    def ceph_batch(self, commands: list[list[str]], timeout: float = 300) -> None:
+        """Several commands in one `ceph` process (it reads them from stdin): most of a command's cost is the CLI's
+        start-up (a Python interpreter, a cephx handshake), seconds each on a loaded or emulated host. The exit
+        status does not say whether a command failed, its "Error ..." line on stderr does; a failure stops
+        nothing after it, so callers read back what they meant to set."""
+        for argv in commands:
+            if any(not arg or any(c.isspace() for c in arg) for arg in argv):
+                raise BackendError(f"ceph command {argv[:3]} has an empty or blank argument")
+        script = "".join(" ".join(argv) + "\n" for argv in commands)
+        proc = run(["ceph", *self.args()], check=False, input_bytes=script.encode(), timeout=timeout)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error ")]
+        if proc.returncode != 0 or errors:
+            self._fail("ceph", commands[0], "\n".join(errors) or proc.stderr.strip(), proc.returncode)
 
     def ceph_json(self, *argv: str, timeout: float = 120) -> Any:
         return json.loads(self.ceph(*argv, "--format", "json", timeout=timeout) or "null")

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(opt, help=f"rbd: {text}")
     for opt in ("--size", "--min-size", "--pg-num"):
         c.add_argument(opt, type=int, help="rbd: copies (default 3), copies needed for I/O (default 1), PGs")
+    c.add_argument("--connect-timeout", type=int, help="rbd: seconds to reach a monitor before a command gives up "
+                   "(default 60)")
     for name in ("pool-destroy", "pool-status", "recover", "list"):
         s = sub.add_parser(name)
         s.add_argument("pool")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> Any:
             opts["thin_pool_percent"] = args.thin_pool_percent
         rbd = {"conf": args.conf, "keyring": args.keyring, "user": args.user, "ceph_pool": args.ceph_pool,
                "failure_domain": args.failure_domain, "compression": args.pool_compression, "size": args.size,
-               "min_size": args.min_size, "pg_num": args.pg_num}
+               "min_size": args.min_size, "pg_num": args.pg_num, "connect_timeout": args.connect_timeout}
         opts.update({k: v for k, v in rbd.items() if v is not None})
         return create_pool(args.kind, args.pool, args.devices, root=root, fill_threshold=args.fill_threshold,
                            **opts).status().to_dict()

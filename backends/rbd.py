@@ -28,7 +28,7 @@ from typing import Any
 
 from backends import names
 from backends.base import Backend, Record
-from backends.ceph import Client, redundancy
+from backends.ceph import CONNECT_TIMEOUT, Client, redundancy
 from backends.errors import BackendError, ToolError
 from backends.model import PoolStatus, VolumeInfo
 from backends.run import run
@@ -45,6 +45,21 @@ def _pos_int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+def _check_pool(client: Client, ceph_pool: str, settings: dict[str, str]) -> None:
+    """Read the new pool back: the batch that made it reports no per-command status."""
+    found = [p for p in client.ceph_json("osd", "pool", "ls", "detail") if p.get("pool_name") == ceph_pool]
+    if not found:
+        raise BackendError(f"ceph pool {ceph_pool!r} was not created (see the monitor's log)")
+    pool = found[0]
+    have = {k: str(pool.get(k, pool.get("options", {}).get(k, ""))) for k in settings}
+    wrong = {k: (v, have[k]) for k, v in settings.items() if have[k] != v}
+    if "rbd" not in pool.get("application_metadata", {}):
+        wrong["application"] = ("rbd", ",".join(pool.get("application_metadata", {})) or "none")
+    if wrong:
+        raise BackendError(f"ceph pool {ceph_pool!r} did not take its settings: "
+                           + ", ".join(f"{k} is {h!r}, not {w!r}" for k, (w, h) in wrong.items()))
+
+
 class RbdBackend(Backend):
     kind = "rbd"
     compressions = COMPRESSIONS
@@ -59,12 +74,13 @@ class RbdBackend(Backend):
         if devices:
             raise BackendError("an rbd pool takes no devices: its OSDs are the Ceph cluster's (give conf, keyring)")
         unknown = set(options) - {"conf", "keyring", "user", "ceph_pool", "size", "min_size", "failure_domain",
-                                  "compression", "pg_num"}
+                                  "compression", "pg_num", "connect_timeout"}
         if unknown:
             raise BackendError(f"rbd pool options {sorted(unknown)} are unknown")
         if not options.get("conf") or not options.get("keyring"):
             raise BackendError("an rbd pool needs conf (the cluster's ceph.conf) and keyring (0600)")
-        client = Client(str(options["conf"]), str(options["keyring"]), str(options.get("user", "admin")))
+        timeout = _pos_int(options.get("connect_timeout", CONNECT_TIMEOUT), "connect_timeout (seconds)", 1, 3600)
+        client = Client(str(options["conf"]), str(options["keyring"]), str(options.get("user", "admin")), timeout)
         ceph_pool = names.name(str(options.get("ceph_pool") or f"nvmetd-{name}"), "ceph pool name")
         size = _pos_int(options.get("size", DEFAULT_SIZE), "size (copies)", 1, 10)
         min_size = _pos_int(options.get("min_size", DEFAULT_MIN_SIZE), "min_size", 1, size)
@@ -75,29 +91,31 @@ class RbdBackend(Backend):
         compression = str(options.get("compression", "off"))
         if compression not in COMPRESSIONS:
             raise BackendError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
-        client.check()
-        if ceph_pool in client.ceph_json("osd", "pool", "ls"):
+        if ceph_pool in client.check():
             raise BackendError(f"ceph pool {ceph_pool!r} exists already: nvmetd creates its pools itself "
                                "(choose another ceph_pool)")
         rule = f"nvmetd-{domain}"
-        client.ceph("osd", "crush", "rule", "create-replicated", rule, "default", domain)
-        client.ceph("osd", "pool", "create", ceph_pool, str(pg_num), str(pg_num), "replicated", rule)
+        settings = {"size": str(size), "min_size": str(min_size), "pg_autoscale_mode": "off"}
+        if compression != "off":
+            settings |= {"compression_mode": "aggressive", "compression_algorithm": compression}
         try:
-            settings = [("size", str(size)), ("min_size", str(min_size)), ("pg_autoscale_mode", "off")]
-            if compression != "off":
-                settings += [("compression_mode", "aggressive"), ("compression_algorithm", compression)]
-            for key, value in settings:
-                client.ceph("osd", "pool", "set", ceph_pool, key, value)
-            client.ceph("osd", "pool", "application", "enable", ceph_pool, "rbd")
+            client.ceph_batch([["osd", "crush", "rule", "create-replicated", rule, "default", domain],
+                               ["osd", "pool", "create", ceph_pool, str(pg_num), str(pg_num), "replicated", rule],
+                               *(["osd", "pool", "set", ceph_pool, k, v] for k, v in settings.items()),
+                               ["osd", "pool", "application", "enable", ceph_pool, "rbd"]])
+            _check_pool(client, ceph_pool, settings)
         except BackendError:
-            client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
+            if ceph_pool in client.ceph_json("osd", "pool", "ls"):
+                client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
             raise
-        return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "ceph_pool": ceph_pool,
+        return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "connect_timeout": timeout,
+                "ceph_pool": ceph_pool,
                 "size": size, "min_size": min_size, "failure_domain": domain, "compression": compression}
 
     @property
     def client(self) -> Client:
-        return Client(self.config["conf"], self.config["keyring"], self.config["user"])
+        return Client(self.config["conf"], self.config["keyring"], self.config["user"],
+                      int(self.config.get("connect_timeout", CONNECT_TIMEOUT)))
 
     @property
     def ceph_pool(self) -> str:

@@ -3,7 +3,8 @@ inside the rig (`python -m rig -- .venv/bin/python -m bench.rbd`).
 
 One test cluster (tests/kernel/ceph_cluster.py: 1 mon, 1 mgr, 3 BlueStore OSDs on loop devices), one rbd pool, one
 image mapped with krbd. Baseline: fio on the mapped `/dev/rbdN` itself; then the same image as an nvmet namespace
-through nvme-loop and nvme-tcp; then 4k random writes through nvme-tcp with two of the three OSDs stopped vs healthy.
+through nvme-loop and nvme-tcp; a local zvol (ZFS pool on a loop device of the same tmpfs) for contrast; then 4k
+random writes through nvme-tcp with two of the three OSDs stopped vs healthy.
 Every figure is printed with its ratio to the baseline measured in the same run. Under TCG the absolute figures are
 only context; the ratios are the point.
 """
@@ -60,6 +61,24 @@ def unexport(cfs: ConfigFS) -> None:
     assert apply_state(TargetState(), cfs).converged
 
 
+def zvol_rows(base: Path, loops: Any, runtime: int) -> list[dict[str, Any]]:
+    """The local-disk contrast: the same jobs on a zvol of the same size (ZFS on a loop device, as bench.backend_io
+    builds it), ratio to the raw RBD device's row of the same job."""
+    subprocess.run(["modprobe", "zfs"], check=False, capture_output=True)
+    pool = create_pool("zfs", "benchz", [loops.make("zfs", 1 << 30)], root=base / "zpools", fill_threshold=100)
+    rows = []
+    try:
+        pool.create("z1", "128M")
+        dev = pool.attach("z1")
+        for job, job_args in JOBS.items():
+            rows.append({"job": job, "path": "local zvol (raw)", **fio(dev, job_args, runtime), "ratio": None})
+        pool.detach("z1")
+        pool.delete("z1")
+    finally:
+        destroy_pool("benchz", root=base / "zpools", force=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from tests.kernel.backend_rig import Loops
     from tests.kernel.ceph_cluster import OSDS, Cluster
@@ -93,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 unexport(cfs)
                 rows.append({"job": job, "path": f"nvmet {transport}", **fig,
                              "ratio": round(fig["iops"] / base_fig["iops"], 3) if base_fig["iops"] else None})
+        rows += zvol_rows(base, loops, args.runtime)
         dev = export(cfs, raw, "tcp")
         healthy = fio(dev, JOBS["4k randwrite QD32"], args.runtime)
         cluster.stop_osd(1)
@@ -113,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
         loops.close()
         subprocess.run(["rm", "-rf", str(base)], check=False)
+    raw_iops = {r["job"]: r["iops"] for r in rows if r["path"] == "raw /dev/rbd"}
+    for row in rows:
+        if row["ratio"] is None and raw_iops.get(row["job"]):
+            row["ratio"] = round(row["iops"] / raw_iops[row["job"]], 3)
     print(json.dumps(rows, indent=1))
     for row in rows:
         print(f"{row['job']:20} {row['path']:28} {row['iops']:>9.1f} IOPS {row['MBps']:>8.2f} MB/s "

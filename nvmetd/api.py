@@ -126,6 +126,8 @@ class Clone(_Request):
 class AttachRequest(_Request):
     transport: Literal["auto", "tcp", "loop", "rdma", "vhost", "dpu"] = "auto"
     dpu: str | None = Field(default=None, max_length=512)  # the DPU's OPI endpoint (offload mode)
+    multipath: bool = Field(default=False, description="tcp: also export on the standby port (ANA non-optimized), "
+                            "a second path for the host's native NVMe multipath")
     vm_uuid: VmUuid = None
     memory: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,15}[KMGT]?$",
                                description="vhost: the VM's RAM size (512M, 4G); the QEMU arguments then "
@@ -289,7 +291,7 @@ def create_app(manager: Manager) -> FastAPI:
     @router.put("/v1/vms/{vm}/disks/{disk}")
     async def attach(vm: VmPath, disk: DiskPath, req: AttachRequest) -> dict[str, Any]:
         result = await run_in_threadpool(manager.attach, vm, disk, req.transport, req.vm_uuid, req.memory,
-                                          req.dpu, req.tls)
+                                          req.dpu, req.tls, req.multipath)
         return result.to_dict()
 
     @router.delete("/v1/vms/{vm}/disks/{disk}")

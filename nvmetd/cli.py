@@ -335,7 +335,12 @@ def shell(obj: Context, commands: tuple[str, ...]) -> None:
 
 
 def _kv(data: dict[str, Any]) -> str:
-    return "\n".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in data.items())
+    return "\n".join(f"{k}: {' '.join(map(_item, v)) if isinstance(v, list) else v}" for k, v in data.items())
+
+
+def _item(value: Any) -> str:
+    """A list entry on one line: multipath's paths are dicts (address, port, ANA state)."""
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
 @cli.command()
@@ -351,16 +356,19 @@ def _kv(data: dict[str, Any]) -> str:
               "in the QEMU arguments")
 @click.option("--tls", is_flag=True, help="tcp: export on the TLS port (TLS 1.3 PSK required, DH-CHAP as well); "
               "the answer names the PSK file for the host")
+@click.option("--multipath", is_flag=True, help="tcp: two ports, ANA optimized and non-optimized, for the "
+              "host's native NVMe multipath (the paths are printed)")
 @click.pass_obj
 def attach(obj: Context, vm: str, disk: str, transport: str, dpu: str | None, vm_uuid: str | None,
-           qmp_socket: str | None, qmp_bus: str | None, memory: str | None, tls: bool) -> None:
+           qmp_socket: str | None, qmp_bus: str | None, memory: str | None, tls: bool, multipath: bool) -> None:
     """Give VM the disk DISK (safe to repeat). Prints how to hand it to QEMU.
 
     With --transport vhost the disk becomes a namespace of the VM's vhost-user-nvme controller, served by
     nvmetd's engine from the VM's shared memory, or (when nvmet-vhost loads, `[vhost] backend`) by the kernel's
     NVMe target itself, QEMU opening /dev/vhost-nvme: the output says which and why, with the QEMU arguments."""
     result = obj.call("PUT", ("v1", "vms", vm, "disks", disk),
-                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu, "tls": tls})
+                      {"transport": transport, "vm_uuid": vm_uuid, "memory": memory, "dpu": dpu, "tls": tls,
+                       "multipath": multipath})
     if qmp_socket and result.get("vhost_backend") == "kernel":
         raise SystemExit(_fail("--qmp does not hot-plug the kernel back-end's device yet (the disk is attached): "
                                "start QEMU with the printed -device, or detach and use [vhost] backend = engine",

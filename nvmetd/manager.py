@@ -65,6 +65,7 @@ class AttachResult:
     vhost_socket: str | None = None
     notes: list[str] | None = None
     vhost_backend: str | None = None  # vhost: "kernel" (nvmet-vhost) or "engine" (nvmetd's userspace engine)
+    paths: list[dict[str, str]] | None = None  # multipath: every port to connect to, with its ANA state
     tls: bool = False
     tls_key_file: str | None = None  # the PSK (interchange format) for the host side; the answer never holds it
     tls_identity: str | None = None
@@ -451,7 +452,8 @@ class Manager:
 
     @recorded("attach")
     def attach(self, vm_name: str, disk: str, transport: str = "auto", vm_uuid: str | None = None,
-               memory: str | None = None, dpu: str | None = None, tls: bool = False) -> AttachResult:
+               memory: str | None = None, dpu: str | None = None, tls: bool = False,
+               multipath: bool = False) -> AttachResult:
         validate.safe_name(vm_name, "VM name")
         if tls and transport != "tcp":
             raise UserError("tls: TLS is for --transport tcp")
@@ -466,6 +468,8 @@ class Manager:
         if memory is not None:
             validate.qemu_size(memory, "memory")
         chosen, why = self.choose_transport(transport)
+        if multipath and chosen != "tcp":
+            raise UserError(f"--multipath needs --transport tcp (two tcp ports with ANA groups), not {chosen}")
         with self.lock:
             with self.store.transaction() as doc:
                 self._disk_pool(doc, disk)
@@ -486,6 +490,9 @@ class Manager:
                 if current is not None and current.transport != chosen:
                     raise UserError(f"disk {disk!r} is attached to {vm_name!r} over {current.transport}; "
                                     "detach it first to change the transport")
+                if current is not None and current.multipath != multipath:
+                    raise UserError(f"disk {disk!r} is attached to {vm_name!r} "
+                                    f"{'with' if current.multipath else 'without'} multipath; detach it first")
                 if current is not None and current.tls != tls:
                     how = "with" if current.tls else "without"
                     raise UserError(f"tls: disk {disk!r} is attached to {vm_name!r} {how} TLS; "
@@ -511,7 +518,8 @@ class Manager:
                     if chosen == "vhost" and backend == "engine" and nsid > MAX_VHOST_NSID:
                         raise UserError(f"VM {vm_name!r} has no free namespace ID for a vhost disk "
                                         f"(the engine serves NSIDs 1..{MAX_VHOST_NSID})")
-                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend, tls=tls)
+                    vm.attachments[disk] = Attachment(nsid=nsid, transport=chosen, backend=backend, tls=tls,
+                                                      multipath=multipath)
                 vms[vm_name] = vm.model_dump()
             crash_point("attach.after_store")
             result = self._reconcile_vm(vm_name, before, doc)
@@ -587,8 +595,12 @@ class Manager:
             node = qmp_node_name(disk)
             qemu = ["-blockdev", f"driver=host_device,filename={device},node-name={node},cache.direct=on,aio=native",
                     "-device", f"virtio-blk-pci,drive={node},id={node}"]
+        paths = None
+        if att.multipath:  # nvmet reports each port's ANA state; the host's native multipath picks the optimized
+            paths = [{"traddr": traddr, "trsvcid": trsvcid, "ana_state": "optimized"},
+                     {"traddr": traddr, "trsvcid": ports.tcp_standby_port, "ana_state": "non-optimized"}]
         result = AttachResult(vm_name, disk, att.transport, why, vm.subnqn, vm.hostnqn, att.nsid, traddr, trsvcid,
-                              str(key_file), device, qemu)
+                              str(key_file), device, qemu, paths=paths)
         if att.tls:
             result.tls, result.tls_identity = True, tls_psk.identity(vm.hostnqn, vm.subnqn)
             result.tls_key_file = str(tls_key_file(self.keys_dir, vm))

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvmetd.vms import KERNEL_TRANSPORTS, Ports, Vm, compose
+from nvmetd.vms import KERNEL_TRANSPORTS, STANDBY, Ports, Vm, compose
 from target.model import TargetState
 from target.tracked import committed_rows
 
 
 def transports_in_use(doc: dict[str, Any]) -> set[str]:
-    """nvmetd ports (a kernel transport, or `tls` for the TLS port) any VM of the stored state has a disk on (a
-    walk of the stored dicts, no validation)."""
-    return {"tls" if a.get("tls") else a.get("transport") for _, vm in committed_rows(doc.get("vms", {}))
-            for a in vm.get("attachments", {}).values()} & {*KERNEL_TRANSPORTS, "tls"}
+    """nvmetd ports (a kernel transport, `tls` for the TLS port, or the multipath standby port) any VM of the
+    stored state has a disk on (a walk of the stored dicts, no validation)."""
+    attachments = [a for _, vm in committed_rows(doc.get("vms", {})) for a in vm.get("attachments", {}).values()]
+    used = {"tls" if a.get("tls") else a.get("transport") for a in attachments} & {*KERNEL_TRANSPORTS, "tls"}
+    return used | ({STANDBY} if any(a.get("multipath") for a in attachments) else set())
 
 
 def vm_state(vm: Vm, devices: dict[str, str], ports: Ports, in_use: set[str]) -> TargetState:
@@ -29,13 +30,13 @@ def vm_state(vm: Vm, devices: dict[str, str], ports: Ports, in_use: set[str]) ->
     VMs only is kept (with this VM's link removed), and a port no VM uses any more is removed, as the full
     reconcile would do."""
     state = compose(TargetState(), {vm.name: vm}, devices, ports)
-    linked = {p.id for p in state.ports}  # by id: the TLS port's trtype is tcp too
+    linked = {p.id for p in state.ports}  # by id: the TLS and standby ports' trtype is tcp too
     others = [ports.port(t, []) for t in sorted(in_use) if ports.ids()[t] not in linked]
     return state.model_copy(update={"ports": [*state.ports, *others]})
 
 
 def port_ids(ports: Ports) -> list[int]:
-    return [ports.tcp_id, ports.loop_id, ports.rdma_id, ports.tls_id]
+    return [ports.tcp_id, ports.loop_id, ports.rdma_id, ports.tls_id, ports.tcp_standby_id]
 
 
 def uses_vhost(vm: Vm | None) -> bool:

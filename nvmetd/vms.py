@@ -15,11 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from target import validate
-from target.model import Host, Namespace, Port, Subsystem, TargetState
+from target.model import AnaGroup, Host, Namespace, Port, Subsystem, TargetState
 
 SUBSYSTEM_PREFIX = "nqn.2026-11.io.nvmetd:vm:"
 Transport = Literal["tcp", "loop", "rdma", "vhost"]
 KERNEL_TRANSPORTS = ("tcp", "loop", "rdma")  # served by nvmet; "vhost" by nvmetd's engine or nvmet-vhost
+# the second path of a `--multipath` disk: the VM's subsystem on another tcp port whose ANA group is non-optimized,
+# so a host with native NVMe multipath uses the tcp port (optimized) and fails over to this one when it goes away
+STANDBY = "tcp-standby"
 
 
 def vm_hostnqn(vm_uuid: str) -> str:
@@ -44,6 +47,16 @@ class Attachment(BaseModel):
     tls: bool = False  # tcp only: exported on the TLS port (treq required, tsas tls1.3)
     # vhost only: who serves the controller (nvmetd.vhost_kernel); state files from before it mean the engine
     backend: Literal["engine", "kernel"] = "engine"
+    # tcp only: the VM's subsystem is also on the standby port (ANA non-optimized), a second path for the host
+    multipath: bool = False
+
+    @model_validator(mode="after")
+    def _multipath_is_tcp(self) -> Attachment:
+        if self.multipath and self.transport != "tcp":
+            raise ValueError(f"multipath needs transport tcp (two tcp ports with ANA groups), not {self.transport}")
+        if self.multipath and self.tls:
+            raise ValueError("multipath and tls: the standby port is plain tcp; use one or the other")
+        return self
 
     @property
     def in_kernel(self) -> bool:
@@ -123,20 +136,27 @@ class Ports(BaseModel):
     tls_id: int = 4425
     tls_address: str | None = None  # default: tcp_address
     tls_port: str = "4430"
+    tcp_standby_id: int = 4424  # multipath's second path: same address as tcp, its own service id
+    tcp_standby_port: str = "4432"
 
     @model_validator(mode="after")
     def _distinct_ids(self) -> Ports:
-        ids = [self.tcp_id, self.loop_id, self.rdma_id, self.vhost_id, self.tls_id]
+        ids = [self.tcp_id, self.loop_id, self.rdma_id, self.vhost_id, self.tls_id, self.tcp_standby_id]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"ports: nvmetd's port ids must differ (tcp, loop, rdma, vhost, tls: {ids})")
+            raise ValueError(f"ports: nvmetd's port ids must differ (tcp, loop, rdma, vhost, tls, standby: {ids})")
         return self
 
     def ids(self) -> dict[str, int]:
-        """nvmetd's port id per export (transport, or `tls`)."""
+        """nvmetd's port id per export (transport, `tls`, or the multipath standby port)."""
         return {"tcp": self.tcp_id, "loop": self.loop_id, "rdma": self.rdma_id, "vhost": self.vhost_id,
-                "tls": self.tls_id}
+                "tls": self.tls_id, STANDBY: self.tcp_standby_id}
 
     def port(self, transport: str, subsystems: list[str]) -> Port:
+        if transport == STANDBY:
+            family = "ipv6" if ":" in self.tcp_address else "ipv4"
+            return Port(id=self.tcp_standby_id, trtype="tcp", adrfam=family, traddr=self.tcp_address,
+                        trsvcid=self.tcp_standby_port, subsystems=subsystems,
+                        ana_groups=[AnaGroup(grpid=1, state="non-optimized")])
         if transport == "tls":
             address = self.tls_address or self.tcp_address
             return Port(id=self.tls_id, trtype="tcp", adrfam="ipv6" if ":" in address else "ipv4", traddr=address,
@@ -162,7 +182,7 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
     `devices` maps disk name -> the file or block device its namespace opens (from the backend).
     """
     data: dict[str, Any] = base.model_dump()
-    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": [], "tls": []}
+    exported: dict[str, list[str]] = {"tcp": [], "loop": [], "rdma": [], "vhost": [], "tls": [], STANDBY: []}
     for vm in sorted(vms.values(), key=lambda v: v.name):
         kernel = {disk: a for disk, a in vm.attachments.items() if a.in_kernel}
         if not kernel:
@@ -183,6 +203,8 @@ def compose(base: TargetState, vms: dict[str, Vm], devices: dict[str, str], port
                                             namespaces=namespaces).model_dump())
         for transport in sorted({a.export for a in kernel.values()}):
             exported[transport].append(vm.subnqn)
+        if any(a.multipath for a in kernel.values()):
+            exported[STANDBY].append(vm.subnqn)
     for transport, subs in exported.items():
         if subs:
             data["ports"].append(ports.port(transport, subs).model_dump())

@@ -6,11 +6,16 @@ so a test can stop and restart single OSDs by their pid. BlueStore, not memstore
 store, so it could neither come back with its data nor be corrupted and repaired with ceph-objectstore-tool.
 Memory is kept small for a 3 GiB rig VM (cache autotune off, small caches, one op shard).
 
+The harness asks the cluster through one in-process librados connection (`command`), not the `ceph` CLI: under TCG
+each CLI call is a Python start-up plus a cephx handshake, seconds of CPU taken from the daemons it waits for, and
+the waits poll.
+
 `python -m tests.kernel.ceph_cluster DIR` starts one and waits for a signal (for benchmarks and by-hand checks).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -24,6 +29,24 @@ from typing import Any
 OSDS = 3
 MON_ADDR = "127.0.0.1"
 MGR_MODULES = Path("/usr/share/ceph/mgr")
+DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")  # python3-rados (a dependency of ceph-common)
+
+
+class CommandError(Exception):
+    """A monitor or manager command failed (or the connection did)."""
+
+
+def _rados() -> Any:
+    """Debian's python3-rados, built for the system Python 3.11 (the venv's is 3.11 too): loaded by its path,
+    alone, so nothing else of the system's dist-packages shadows the venv."""
+    found = sorted(DIST_PACKAGES.glob("rados.cpython-*.so"))
+    if not found:
+        raise CommandError(f"python3-rados is not installed (no rados module in {DIST_PACKAGES})")
+    spec = importlib.util.spec_from_file_location("rados", found[0])
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 CONF = """[global]
 fsid = {fsid}
@@ -48,6 +71,8 @@ osd_pool_default_pg_num = 8
 osd_pool_default_pgp_num = 8
 osd_pool_default_pg_autoscale_mode = off
 mon_allow_pool_delete = true
+paxos_propose_interval = 0.1
+paxos_min_wait = 0.01
 mon_warn_on_pool_no_redundancy = false
 mon_osd_min_down_reporters = 1
 mon_osd_down_out_interval = 0
@@ -95,14 +120,32 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.phases: dict[str, float] = {}  # seconds from the start to each step, printed by the test fixture
         self.started_in = 0.0
+        self._conn: Any = None
 
     # ------------------------------------------------------------------ helpers
     def ceph(self, *args: str, timeout: float = 120) -> str:
         return subprocess.run(["ceph", "-c", str(self.conf), "--connect-timeout", "30", *args], check=True,
                               capture_output=True, text=True, timeout=timeout).stdout
 
-    def ceph_json(self, *args: str) -> Any:
-        return json.loads(self.ceph(*args, "--format", "json"))
+    def command(self, prefix: str, **args: Any) -> Any:
+        """A monitor command (`pg ...`: a manager command) as JSON, over the harness's librados connection."""
+        if self._conn is None:
+            rados = _rados()
+            conn = rados.Rados(conffile=str(self.conf), rados_id="admin",
+                              conf={"keyring": str(self.keyring), "admin_socket": ""})  # the CLIs use client.admin's
+            try:
+                conn.connect(timeout=60)
+            except rados.Error as exc:
+                raise CommandError(f"cannot connect to the test cluster: {exc}") from None
+            self._conn = conn
+        call = self._conn.mgr_command if prefix.startswith("pg ") else self._conn.mon_command
+        try:
+            ret, out, err = call(json.dumps({"prefix": prefix, "format": "json", **args}), b"", timeout=60)
+        except Exception as exc:  # rados.Error (a timeout, a lost session): the caller's wait retries
+            raise CommandError(f"{prefix}: {exc}") from None
+        if ret != 0:
+            raise CommandError(f"{prefix}: {err} (error {ret})")
+        return json.loads(out) if out else None
 
     def _tool(self, *argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True, timeout=300)
@@ -172,7 +215,7 @@ class Cluster:
         self.phases["OSD mkfs done"] = time.monotonic() - t0
         self.wait_osds_up(OSDS)
         self.phases["OSDs up"] = time.monotonic() - t0
-        self._wait(lambda: self.ceph_json("mgr", "stat").get("available"), "the manager to be available", 300)
+        self._wait(lambda: self.command("mgr stat").get("available"), "the manager to be available", 300)
         self.started_in = time.monotonic() - t0
         self.phases["manager available"] = self.started_in
         return self
@@ -190,13 +233,13 @@ class Cluster:
         return self.base / "osd" / str(osd_id)
 
     def osds_up(self) -> int:
-        return int(self.ceph_json("osd", "stat")["num_up_osds"])
+        return int(self.command("osd stat")["num_up_osds"])
 
     def wait_osds_up(self, count: int, timeout: float = 600) -> None:
         self._wait(lambda: self.osds_up() == count, f"{count} OSDs up", timeout)
 
     def pg_states(self) -> dict[str, int]:
-        summary = self.ceph_json("pg", "stat")
+        summary = self.command("pg stat")
         pg_summary = summary.get("pg_summary", summary)
         return {s["name"]: int(s["num"]) for s in pg_summary.get("num_pg_by_state", [])}
 
@@ -211,9 +254,13 @@ class Cluster:
         self._wait(clean, "all placement groups active+clean", timeout)
         return time.monotonic() - t0
 
+    def wait_pgs(self, ready: Any, what: str, timeout: float = 600) -> None:
+        """Wait until `ready(states)` holds for the cluster's PG state counts (`pg_states`)."""
+        self._wait(lambda: ready(self.pg_states()), what, timeout)
+
     def wait_pg(self, pgid: str, ready: Any, what: str, timeout: float = 600) -> None:
         def state() -> bool:
-            doc = self.ceph_json("pg", "ls")
+            doc = self.command("pg ls")
             pgs = doc.get("pg_stats", []) if isinstance(doc, dict) else doc
             return any(pg["pgid"] == pgid and ready(pg["state"]) for pg in pgs)
 
@@ -227,7 +274,7 @@ class Cluster:
                 if ready():
                     return
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, json.JSONDecodeError,
-                    KeyError) as exc:
+                    KeyError, CommandError) as exc:
                 last = exc
             time.sleep(1)
         detail = getattr(last, "stderr", None) or last
@@ -235,6 +282,9 @@ class Cluster:
                            f"{self.base / 'log'}")
 
     def stop(self) -> None:
+        if self._conn is not None:
+            self._conn.shutdown()
+            self._conn = None
         for name in sorted(self.procs, key=lambda n: (n.startswith("mon"), n.startswith("mgr"))):
             proc = self.procs[name]
             proc.terminate()

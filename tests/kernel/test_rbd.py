@@ -18,44 +18,22 @@ import pytest
 
 from backends import Backend, create_pool, destroy_pool
 from backends.pools import list_pools
+from nvmetd.vms import Ports
 from target.apply import apply_state
 from target.configfs import ConfigFS
 from target.model import parse_state
 from target.store import stored_files
 from tests.conftest import wipe
-from tests.kernel import hostside
-from tests.kernel.backend_rig import MIB, Loops, contains, device_size, need, write_direct
+from tests.kernel import hostside, multipath_host
+from tests.kernel.backend_rig import MIB, contains, device_size, need, write_direct
 from tests.kernel.ceph_cluster import OSDS, Cluster
+from tests.kernel.multipath_host import head_device, native_multipath
 from tests.kernel.service_fixture import Daemon
 
 pytestmark = [pytest.mark.kernel, pytest.mark.long]
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:6c1e2a3b-4d5e-4f60-8172-93a4b5c6d7e8"
 SUB_TCP, SUB_LOOP = "nqn.2026-11.io.nvmetd:rbd-tcp", "nqn.2026-11.io.nvmetd:rbd-loop"
-OSD_BYTES = 1 << 30
-
-
-@pytest.fixture(scope="session")
-def ceph(nvmet_kernel: ConfigFS) -> Iterator[Cluster]:
-    need("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "rbd", "fio")
-    subprocess.run(["modprobe", "-a", "loop", "rbd"], check=False, capture_output=True)
-    base = Path("/run/nvmetd-test" if os.environ.get("NVMETD_IN_RIG") else "/tmp") / f"ceph-{os.getpid()}"
-    base.mkdir(parents=True)
-    loops = Loops(base)
-    cluster = Cluster(base, [loops.make(f"osd{i}", OSD_BYTES) for i in range(OSDS)])
-    try:
-        cluster.start()
-        steps = ", ".join(f"{step} {t:.0f} s" for step, t in cluster.phases.items())
-        print(f"\nceph test cluster: 1 mon, 1 mgr, {OSDS} BlueStore OSDs up in {cluster.started_in:.1f} s ({steps})")
-        yield cluster
-    finally:
-        wipe()
-        subprocess.run(["rbd", "device", "list"], check=False)  # shows what a failed test left mapped
-        for dev in sorted(Path("/dev").glob("rbd[0-9]*")):
-            subprocess.run(["rbd", "device", "unmap", "-o", "force", str(dev)], check=False, capture_output=True)
-        cluster.stop()
-        loops.close()
-        subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +53,23 @@ def pool(ceph: Cluster, pool_root: Path) -> Iterator[Backend]:
     destroy_pool("ceph", root=pool_root, force=True)
 
 
+@pytest.fixture(scope="module")
+def daemon(ceph: Cluster, pool: Backend, pool_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One nvmetd on the rbd pool for the module: its start-up (FastAPI under TCG) is paid once."""
+    daemon = Daemon(tmp_path_factory.mktemp("nvmetd-rbd"))
+    daemon.pools_root.parent.mkdir(parents=True, exist_ok=True)
+    daemon.pools_root.symlink_to(pool_root)
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
 def fio(device: Path, name: str, *extra: str) -> subprocess.Popen[str]:
     """crc32c-verified random writes: every block written carries its own checksum and offset header."""
     return subprocess.Popen(
         ["nice", "-n", "5", "fio", f"--name={name}", f"--filename={device}", "--direct=1", "--ioengine=libaio",
          "--iodepth=4", "--rw=randwrite", "--bs=16k", "--size=24M", "--verify=crc32c", "--verify_fatal=1",
-         "--randrepeat=1", "--output-format=json", *extra],
+         "--randrepeat=1", "--verify_state_save=0", "--output-format=json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -115,12 +104,10 @@ def test_io_continues_with_two_of_three_osds_down(ceph: Cluster, pool: Backend, 
     ceph.stop_osd(1)
     ceph.stop_osd(2)
     ceph.wait_osds_up(1, timeout=120)
-    deadline = time.monotonic() + 120  # the manager's PG statistics follow the OSD map a moment later
-    while True:
-        during, redundancy = pool.info("out-tcp"), pool.status().redundancy
-        if (during.copies == 1 and redundancy in ("degraded", "recovering")) or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    # the manager's PG statistics follow the OSD map a moment later: waited for over the harness's librados
+    # connection (each pool.info / status is several CLI start-ups under TCG), then asked of nvmetd's backend once
+    ceph.wait_pgs(lambda states: bool(states) and "active+clean" not in states, "every PG to lose its clean state", 180)
+    during, redundancy = pool.info("out-tcp"), pool.status().redundancy
     print(f"\ntwo OSDs down after {time.monotonic() - t_down:.1f} s: disk copies {during.copies}/"
           f"{during.copies_wanted}, pool {redundancy}")
     assert (during.copies, during.copies_wanted) == (1, 3)
@@ -157,13 +144,9 @@ def _secret(keyring: Path) -> str:
 
 
 def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs: ConfigFS,
-                              tmp_path: Path) -> None:
+                              daemon: Daemon) -> None:
     """nvmetctl on an rbd pool: create, show copies, attach over tcp, snapshot, clone, live grow, delete-then-zeros,
     quota refused, an encrypted disk unreadable on the raw RBD device; the keyring secret in no answer or log."""
-    daemon = Daemon(tmp_path)
-    daemon.pools_root.parent.mkdir(parents=True, exist_ok=True)
-    daemon.pools_root.symlink_to(pool_root)
-    daemon.start()
     answers: list[str] = []
 
     def ctl(*args: str) -> dict:
@@ -203,6 +186,20 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
         again = ctl("attach", "vm1", "vm1-clone", "--transport", "tcp")
         again_dev = hostside.namespace_device(att["subsystem_nqn"], again["nsid"], "tcp")
         assert hostside.direct_read(again_dev, MIB) == bytes(MIB)
+        # remanence (#15): every block of a deleted disk written, a new disk of the same name and size read whole
+        # through the target: no old block
+        ctl("disk", "create", "vm1-rem", "--pool", "ceph", "--size", "16M")
+        rem = ctl("attach", "vm1", "vm1-rem", "--transport", "tcp")
+        rem_dev = hostside.namespace_device(att["subsystem_nqn"], rem["nsid"], "tcp")
+        write_direct(rem_dev, b"\xa5" * (16 * MIB))
+        assert hostside.direct_read(rem_dev, 16 * MIB) == b"\xa5" * (16 * MIB)
+        ctl("detach", "vm1", "vm1-rem")
+        ctl("disk", "delete", "vm1-rem")
+        ctl("disk", "create", "vm1-rem", "--pool", "ceph", "--size", "16M")
+        rem = ctl("attach", "vm1", "vm1-rem", "--transport", "tcp")
+        rem_dev = hostside.namespace_device(att["subsystem_nqn"], rem["nsid"], "tcp")
+        assert device_size(rem_dev) == 16 * MIB
+        assert hostside.direct_read(rem_dev, 16 * MIB) == bytes(16 * MIB), "a new disk reads an old disk's data"
         # quotas: refused past the limit with a clear error, nothing made
         pool.set_quota("acme", max_bytes="2G")
         refused = daemon.ctl("disk", "create", "big", "--pool", "ceph", "--size", "3G", "--tenant", "acme",
@@ -225,16 +222,15 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
     finally:
         if "att" in locals():
             hostside.disconnect(att["subsystem_nqn"])
-        for disk in ("vm1-secret", "vm1-clone", "vm1-root"):
+        for disk in ("vm1-secret", "vm1-rem", "vm1-clone", "vm1-root"):
             daemon.ctl("detach", "vm1", disk, check=False)
-        daemon.stop()
     secret = _secret(ceph.keyring)
     stored = [*stored_files(daemon.state), *stored_files(pool_root / "ceph" / "ledger.json")]  # base + journal
     texts = {"answers": "\n".join(answers), "log": daemon.log_text(), **{str(p): p.read_text() for p in stored}}
     for where, text in texts.items():
         assert secret not in text, f"the ceph key appears in the {where}"
     pool.delete_snapshot("vm1-root", "s1")
-    for disk in ("vm1-secret", "vm1-clone", "vm1-root"):
+    for disk in ("vm1-secret", "vm1-rem", "vm1-clone", "vm1-root"):
         pool.delete(disk)
 
 
@@ -247,7 +243,8 @@ def test_unusable_cluster_is_exit_3_and_nothing_made(ceph: Cluster, pool_root: P
     cases = {
         "names no monitor": ["--conf", str(garbage), "--keyring", str(ceph.keyring)],
         "does not exist (client.admin's keyring)": ["--conf", str(ceph.conf), "--keyring", str(tmp_path / "nokey")],
-        "monitor unreachable (v1:127.0.0.1:1)": ["--conf", str(unreachable), "--keyring", str(ceph.keyring)],
+        "monitor unreachable (v1:127.0.0.1:1)": ["--conf", str(unreachable), "--keyring", str(ceph.keyring),
+                                                 "--connect-timeout", "10"],  # the test need not wait 60 s
     }
     for cause, args in cases.items():
         proc = subprocess.run([sys.executable, "-m", "backends", "--root", str(pool_root), "pool-create", "rbd",
@@ -256,7 +253,7 @@ def test_unusable_cluster_is_exit_3_and_nothing_made(ceph: Cluster, pool_root: P
         assert len(proc.stderr.strip().splitlines()) == 1 and cause in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
         assert "bad" not in list_pools(pool_root) and not (pool_root / "bad").exists()
-    assert "nvmetd-bad" not in ceph.ceph_json("osd", "pool", "ls")
+    assert "nvmetd-bad" not in ceph.command("osd pool ls")
 
 
 def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Cluster, pool: Backend) -> None:
@@ -268,7 +265,7 @@ def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Clust
     write_direct(pool.attach("scrub"), data)
     pool.detach("scrub")
     obj = pool.client.rbd_json("info", f"{pool.ceph_pool}/scrub")["block_name_prefix"] + ".0000000000000000"
-    placed = ceph.ceph_json("osd", "map", pool.ceph_pool, obj)
+    placed = ceph.command("osd map", pool=pool.ceph_pool, object=obj)
     pgid, victim = placed["pgid"], placed["acting"][-1]  # a replica, not the primary
     others = [osd for osd in placed["acting"] if osd != victim]
     ceph.stop_osd(victim)
@@ -280,7 +277,7 @@ def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Clust
     ceph.wait_osds_up(OSDS)
     ceph.wait_clean()
     t0 = time.monotonic()
-    ceph.ceph("pg", "deep-scrub", pgid)
+    ceph.command("pg deep-scrub", pgid=pgid)
     ceph.wait_pg(pgid, lambda state: "inconsistent" in state, "deep scrub to flag the replica")
     found = json.loads(subprocess.run(["rados", "-c", str(ceph.conf), "list-inconsistent-obj", pgid,
                                        "--format=json"], check=True, capture_output=True, text=True).stdout)
@@ -288,7 +285,7 @@ def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Clust
     assert names == [obj], found
     print(f"\ndeep scrub flagged {obj} on osd.{victim} in {time.monotonic() - t0:.1f} s")
     t0 = time.monotonic()
-    ceph.ceph("pg", "repair", pgid)
+    ceph.command("pg repair", pgid=pgid)
     ceph.wait_pg(pgid, lambda state: state == "active+clean", "repair")
     print(f"repair done in {time.monotonic() - t0:.1f} s")
     for osd in others:  # only the repaired replica left to serve the read
@@ -301,3 +298,55 @@ def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Clust
     ceph.wait_osds_up(OSDS)
     ceph.wait_clean()
     pool.delete("scrub")
+
+
+# Not yet proven: the rig boots nvme_core with multipath=N (read-only parameter) and nvmet itself depends on
+# nvme_core (passthru), so multipath_host's reload cannot run while nvmet exports the disk; needs a boot with
+# multipath=Y or a reload of the whole target stack.
+@pytest.mark.long
+def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Backend, cfs: ConfigFS,
+                                                        daemon: Daemon) -> None:
+    """`attach --multipath`: the VM's subsystem on two tcp ports, ANA optimized and non-optimized. A host with
+    native NVMe multipath writes through the optimized path; when that port goes away (its link to the subsystem
+    removed, as a gateway dies) fio's crc32c-verified writes go on over the other path: 0 errors, all verified."""
+    daemon.ctl("disk", "create", "mp", "--pool", "ceph", "--size", "256M")
+    att = daemon.ctl_json("attach", "vm-mp", "mp", "--transport", "tcp", "--multipath")
+    states = {p["trsvcid"]: p["ana_state"] for p in att["paths"]}
+    (primary,) = [svc for svc, state in states.items() if state == "optimized"]
+    (standby,) = [svc for svc, state in states.items() if state == "non-optimized"]
+    key = Path(att["dhchap_key_file"]).read_text()
+    nqn = att["subsystem_nqn"]
+    try:
+        with native_multipath():
+            for svc in (primary, standby):
+                hostside.connect("tcp", nqn, att["host_nqn"], "127.0.0.1", svc, dhchap_secret=key)
+            head = head_device(nqn, att["nsid"])
+            seen = multipath_host.paths(nqn)
+            assert {svc: p.get("ana_state") for svc, p in seen.items()} == states, seen
+            job = fio(head, "multipath", "--size=16M", "--rate=1m")
+            deadline = time.monotonic() + 120
+            while int(multipath_host.paths(nqn)[primary]["ios"]) < 64 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            before = multipath_host.paths(nqn)
+            assert job.poll() is None, "fio ended before the optimized port went away"
+            cfs.unlink(f"ports/{Ports().tcp_id}/subsystems/{nqn}")  # the optimized gateway goes
+            t_gone = time.monotonic()
+            while multipath_host.paths(nqn)[primary]["state"] == "live" and time.monotonic() - t_gone < 60:
+                time.sleep(0.2)
+            print(f"\noptimized path {multipath_host.paths(nqn)[primary]['state']} "
+                  f"{time.monotonic() - t_gone:.1f} s after its port went")
+            result = fio_result(job)
+            after = multipath_host.paths(nqn)
+            print(f"fio over the multipath head: {result['write']['io_bytes'] >> 20} MiB written and verified, "
+                  f"0 errors, longest write {result['write']['clat_ns']['max'] / 1e6:.0f} ms (the failover); "
+                  f"I/Os optimized {before[primary]['ios']} -> {after[primary]['ios']}, non-optimized "
+                  f"{before[standby]['ios']} -> {after[standby]['ios']}")
+            assert result["write"]["io_bytes"] == 16 * MIB
+            assert after[primary]["state"] != "live"
+            assert int(before[standby]["ios"]) < int(before[primary]["ios"])  # ANA: optimized chosen while live
+            assert int(after[standby]["ios"]) > int(before[standby]["ios"])  # then the other path took over
+            hostside.disconnect(nqn)
+    finally:
+        hostside.disconnect(nqn)
+        daemon.ctl("detach", "vm-mp", "mp", check=False)
+        daemon.ctl("disk", "delete", "mp", check=False)

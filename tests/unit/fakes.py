@@ -20,6 +20,7 @@ class FakeKernel:
                        "device_nguid": "00000000-0000-0000-0000-000000000000"},
         "ports": {"addr_trtype": "", "addr_adrfam": "", "addr_traddr": "", "addr_trsvcid": "",
                   "addr_treq": "not specified"},
+        "ana_groups": {"ana_state": "optimized"},
     }
 
     def __init__(self, root: Path) -> None:
@@ -42,6 +43,7 @@ class FakeFS(ConfigFS):
         if kind == "ports":
             for sub in ("subsystems", "referrals", "ana_groups/1"):
                 (path / sub).mkdir(parents=True)
+            (path / "ana_groups" / "1" / "ana_state").write_text("optimized\n")  # the default group
 
     def rmdir(self, rel: str) -> None:
         """configfs drops a directory's attribute files and default groups with it; what a user created inside
@@ -51,6 +53,7 @@ class FakeFS(ConfigFS):
         if path.is_dir():
             for name in FakeKernel.FILES.get(kind, {}):
                 (path / name).unlink(missing_ok=True)
+            (path / "ana_groups" / "1" / "ana_state").unlink(missing_ok=True)
             defaults = {"subsystems": ["namespaces", "allowed_hosts", "passthru"],
                         "ports": ["subsystems", "referrals", "ana_groups/1", "ana_groups"]}.get(kind, [])
             for sub in defaults:

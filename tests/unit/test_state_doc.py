@@ -70,7 +70,7 @@ def test_a_file_of_an_earlier_nvmetd_migrates_on_the_next_change(tmp_path: Path)
                             "gone": {"pool": "files", "state": "deleting"},
                             "new": {"pool": "files", "state": "creating"}}
     assert raw["vms"]["vm0"]["attachments"]["cloned"] == {"nsid": 1, "transport": "vhost", "backend": "engine",
-                                                          "tls": False}
+                                                          "tls": False, "multipath": False}
     assert raw["ports"] == {"tcp_port": "4420", "tcp_address": "127.0.0.1"}  # what was set, not the defaults
 
 
