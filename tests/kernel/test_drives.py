@@ -213,9 +213,6 @@ def lvm_mirror(daemon: Daemon, cfs: ConfigFS) -> Iterator[list[Path]]:
         subprocess.run(["vgremove", "--yes", "--force", f"nvmetd_{LVM_MIRROR}"], check=False, capture_output=True)
 
 
-# make test-long until it passes in a whole-suite run: in the final idle run (2026-12-02) it met the drives as the ZFS
-# mirror test left them (partitioned; pool create refused); the fixture now wipes them, not yet rerun in the suite
-@pytest.mark.long
 def test_lvm_raid1_keeps_serving_through_drive_loss_and_repairs(daemon: Daemon, lvm_mirror: list[Path]) -> None:
     """The same promise on LVM: a thin disk in a thin pool whose data and metadata are raid1 over two drives."""
     created = daemon.ctl_json("pool", "create", LVM_MIRROR, "--kind", "lvm", "--layout", "mirror",
