@@ -20,6 +20,7 @@ from backends.errors import BackendError, NotFoundError, PoolFullError, QuotaErr
 from backends.keys import KeyStore
 from backends.ledger import Ledger, new_intent_id
 from backends.model import PoolStatus, VolumeInfo
+from nvmetd.crashpoints import crash_point
 
 Record = dict[str, Any]
 MAX_SNAPSHOT_NAME = 48
@@ -211,6 +212,7 @@ class Backend(ABC):
             self._rollback_create(vol)
             self._end(intent)
             raise
+        crash_point("create.in_pool")
         self._commit_create(intent, vol)
         return self.info(name)
 
@@ -381,6 +383,7 @@ class Backend(ABC):
             self._rollback_create(vol)
             self._end(intent)
             raise
+        crash_point("create.in_pool")
         self._commit_create(intent, vol)
         return self.info(new_name)
 
