@@ -3,7 +3,7 @@ STAMP := .venv/.setup-done
 # `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
 DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls bench-offload lint clean
+.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls bench-limits bench-offload lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -51,6 +51,10 @@ bench-backends: $(STAMP)
 # NVMe/TCP with TLS 1.3 vs plain NVMe/TCP, same namespace, alternating rounds (bench/tls.py)
 bench-tls: $(STAMP)
 	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m bench.tls
+
+# what the kernel-target limit mechanism costs a disk with no limit: direct vs through the throttled path (bench/limits_overhead.py)
+bench-limits: $(STAMP)
+	.venv/bin/python -m rig --memory 3G -- .venv/bin/python -m bench.limits_overhead
 
 # attach-to-usable latency over loop (median of 50), then with 10, 100, 500 VMs already attached
 BENCH_ATTACH_ARGS ?=

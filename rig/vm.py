@@ -21,6 +21,7 @@ from rig.drives import DRIVES_ENV, Drives, for_run
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_INIT = REPO / "rig" / "guest-init.sh"
+LEASH = REPO / "rig" / "leash.py"
 KERNEL_GLOB = "vmlinuz-6.12.*-amd64"
 # Environment variables the guest command inherits; everything else stays on the host.
 PASSED_ENV = ("CI", "NVMETD_", "PYTEST_ADDOPTS", "BENCH_")
@@ -178,8 +179,10 @@ def supervise(argv: list[str], env: dict[str, str], timeout: float, progress: Pa
 
     qemu's stdio chardev would truncate a redirected stdout (losing what the caller printed before), so the
     guest's output is relayed through a pipe instead. vng runs in a session of its own: on timeout the whole
-    group goes (vng, QEMU and its helpers); killing vng alone once left QEMU running the VM to its end."""
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    group goes (vng, QEMU and its helpers); killing vng alone once left QEMU running the VM to its end. The
+    group's leader is rig/leash.py, which takes the group down when this process dies without running any code."""
+    leashed = [sys.executable, str(LEASH), str(os.getpid()), "--", *argv]
+    proc = subprocess.Popen(leashed, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     fired = threading.Event()
 

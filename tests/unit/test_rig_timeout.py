@@ -6,6 +6,8 @@ needed to show the group is killed."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,3 +46,26 @@ def test_timeout_kills_the_group_and_names_the_running_test(tmp_path: Path, capf
 
 def test_a_finished_vm_gives_its_own_status(tmp_path: Path) -> None:
     assert supervise(["bash", "-c", "exit 7"], dict(os.environ), timeout=60, progress=tmp_path / "p") == 7
+
+
+def test_a_killed_rig_takes_the_vm_with_it(tmp_path: Path) -> None:
+    """SIGKILL runs no code in the rig: the leash (the group's leader) must still take down the VM's grandchild."""
+    child_pid = tmp_path / "child.pid"
+    script = f"(trap '' TERM; echo $BASHPID > {child_pid}; exec sleep 600) & wait"
+    rig = subprocess.Popen([sys.executable, "-c",
+                            "import os, sys; from rig.vm import supervise; "
+                            f"supervise(['bash', '-c', {script!r}], dict(os.environ), 600, "
+                            f"__import__('pathlib').Path({str(tmp_path / 'p')!r}))"],
+                           cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not child_pid.exists() or not child_pid.read_text().strip():
+        assert time.monotonic() < deadline and rig.poll() is None, "the VM stand-in never started"
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    assert _alive(pid)
+    rig.kill()
+    rig.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the VM's grandchild outlived a rig killed with SIGKILL"
