@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from backends import nullblk
 from bench.tls import JOBS, fio_read
 from nvmetd import throttle
 from target.apply import apply_state
@@ -27,6 +28,20 @@ from target.configfs import ConfigFS
 from target.model import Namespace, Port, Subsystem, TargetState
 
 SUB = "nqn.2026-11.io.nvmetd:bench-limits"
+NULL_KEYS = ("benchlim0", "benchlim1")
+
+
+def _null_device(key: str) -> str:
+    """A null_blk device of our own through its configfs (whatever another benchmark loaded the module with)."""
+    nullblk.load_module()
+    item = nullblk.NULLB / key
+    item.mkdir()
+    (item / "size").write_text("4096")  # MiB
+    (item / "queue_mode").write_text("2")
+    (item / "power").write_text("1")
+    subprocess.run(["udevadm", "settle", "--timeout", "10"], check=False)
+    named = Path("/dev", key)
+    return str(named) if named.exists() else f"/dev/nullb{(item / 'index').read_text().strip()}"
 
 
 def _device(nsid: int, timeout: float = 30) -> str:
@@ -49,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     subprocess.run(["modprobe", "-a", "nvmet", "nvme-loop", "dm-mod"], check=True)
-    subprocess.run(["modprobe", "null_blk", "nr_devices=2", "gb=4", "queue_mode=2"], check=True)
-    mapper = throttle.device_for("bench-unlimited", "/dev/nullb1")
+    direct, behind = (_null_device(key) for key in NULL_KEYS)
+    mapper = throttle.device_for("bench-unlimited", behind)
     throttle.apply(mapper, throttle.Limits())  # mechanism in place, no limit
     cfs = ConfigFS()
     state = TargetState(
         subsystems=[Subsystem(nqn=SUB, allow_any_host=True, namespaces=[
-            Namespace(nsid=1, device_path="/dev/nullb0"), Namespace(nsid=2, device_path=mapper)])],
+            Namespace(nsid=1, device_path=direct), Namespace(nsid=2, device_path=mapper)])],
         ports=[Port(id=9, trtype="loop", subsystems=[SUB])])
     try:
         apply_state(state, cfs)
@@ -72,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["nvme", "disconnect", "-n", SUB], check=False, capture_output=True)
         apply_state(TargetState(), cfs)
         throttle.release("bench-unlimited")
+        for key in NULL_KEYS:
+            (nullblk.NULLB / key / "power").write_text("0")
+            (nullblk.NULLB / key).rmdir()
     ratios = {job: {k: f["throttled-path"][k] / f["direct"][k] if f["direct"][k] else None
                     for k in ("iops", "mbps", "cpu_us_per_io")} for job, f in figures.items()}
     if args.json:

@@ -207,6 +207,9 @@ class Manager:
 
                 reconnect_all(doc)  # the OPI backend paths whose namespaces back OPI namespaces
             devices = self._devices(doc)
+            # limits before the tree: a namespace never serves a moment unthrottled, and a restore that waits
+            # (or fails) on a port does not leave the disks' limits unapplied
+            self._apply_limits(doc, devices)
             state = self.effective(doc, devices)
             if not self.cfs.exists() and state == TargetState():
                 result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
@@ -218,7 +221,6 @@ class Manager:
                 # retries it
                 result = (restore(state, self.cfs, timeout=wait) if wait
                           else apply_state(state, self.cfs, readiness=SystemReadiness()))
-            self._apply_limits(doc, devices)
             result.objects.update(self.vhost.reconcile(self.engine_specs(doc, devices)))
             crash_point("reconcile.after_kernel")
             self._release_detached(doc)
@@ -237,6 +239,7 @@ class Manager:
             return self.reconcile()  # the scope (vm_scope, target/scope.py) knows nvmetd's fabric ports only
         ports = self._ports(doc)
         devices = {disk: self._device(doc, disk, a) for disk, a in vm.attachments.items()}
+        self._apply_limits(doc, devices)  # before the namespaces go live (see reconcile)
         state = vm_scope.vm_state(vm, devices, ports, vm_scope.transports_in_use(doc))
         if not self.cfs.exists() and state == TargetState():
             result = ApplyResult()
@@ -246,7 +249,6 @@ class Manager:
                 self.tls_keys.sync_vm(vm)  # this VM's key before its TLS link admits it, or revoked after
             live = ScopedLiveTree(self.cfs, [vm.hostnqn], [vm.subnqn], vm_scope.port_ids(ports), self._port_attrs)
             result = apply_state(state, self.cfs, live=live)
-        self._apply_limits(doc, devices)
         if vm_scope.uses_vhost(before) or vm_scope.uses_vhost(vm):
             vhost_devices = {disk: self._device(doc, disk, a) for other in self._vms(doc).values()
                              for disk, a in other.attachments.items() if a.transport == "vhost"}
