@@ -14,7 +14,7 @@ ENV = "NVMETD_CRASH_AT"
 
 STEPS = (
     "create.after_journal",   # disk recorded as "creating", no volume yet
-    "create.in_pool",         # inside the pool: volume made, the pool's own intent still open
+    "create.in_pool",         # inside the pool (create or clone): volume made, the pool's own intent still open
     "create.after_volume",    # volume made, the disk not yet marked ready
     "delete.after_journal",   # disk marked "deleting", volume still there
     "delete.after_volume",    # volume gone, the disk still in the store
