@@ -54,6 +54,11 @@ class Row:
     reads_per_reconcile: int = 0
     namespaces: int = 0  # background namespaces on the host
     setup_seconds: float = 0.0
+    after: bool = False  # the baseline measured again once the background is gone (--rebaseline)
+
+    @property
+    def label(self) -> str:
+        return f"{self.vms} VMs" + (" (after)" if self.after else "")
 
     def median_ms(self, values: list[float]) -> float:
         return Sample.of(values).median * 1e3
@@ -171,6 +176,15 @@ class Bench:
         apply_state(manager.effective(manager.store.load()), cfs, dry_run=True)
         return cfs.counters.reads
 
+    def shrink_to_zero(self) -> float:
+        """Every background VM gone (one state transaction, one reconcile), the pool's volumes kept."""
+        start = time.perf_counter()
+        with StateStore(self.state).transaction() as doc:
+            doc["vms"] = {}
+        self.manager().reconcile()
+        self.background = 0
+        return time.perf_counter() - start
+
     def teardown(self) -> None:
         """Remove every VM (the daemon's own reconcile takes the kernel objects down), then the pool."""
         store = StateStore(self.state)
@@ -203,26 +217,32 @@ def as_report(rows: list[Row]) -> Report:
     report = Report("attach-to-usable over loop, by VMs already attached", "0 VMs", METRICS,
                     notes=["attach-to-usable: API PUT -> first 4 KiB O_DIRECT read of the new namespace on this host"])
     for row in rows:
-        report.add(f"{row.vms} VMs", attach_ms=Sample.of(v * 1e3 for v in row.latencies),
+        report.add(row.label, attach_ms=Sample.of(v * 1e3 for v in row.latencies),
                    detach_ms=Sample.of(v * 1e3 for v in row.detach), changes=Sample.of(row.changes),
                    reads=Sample.of(row.reads),
                    reads_per_reconcile=row.reads_per_reconcile)
     return report
 
 
+def baseline_ms(rows: list[Row]) -> float:
+    """The median of every attach measured with no other VM: before the background, and after it is gone when
+    --rebaseline measured that too (a drift of the machine's load over the run then falls on both sides)."""
+    return Sample.of([v for r in rows if r.vms == 0 for v in r.latencies]).median * 1e3
+
+
 def print_table(rows: list[Row]) -> None:
-    base = rows[0]
+    base = baseline_ms(rows)
     print("\nattach-to-usable over loop: API PUT -> first 4 KiB O_DIRECT read of the new namespace on this host")
     print("cfs reads/attach: the daemon's configfs reads during the attach call; cfs reads/full check: one full"
           " reconcile at that size (start, drift timer)")
-    print(f"{'VMs attached':>12} {'namespaces':>10} {'n':>4} {'median ms':>10} {'p90 ms':>9} {'vs 0 VMs':>9} "
+    print(f"{'VMs attached':>16} {'namespaces':>10} {'n':>4} {'median ms':>10} {'p90 ms':>9} {'vs 0 VMs':>9} "
           f"{'cfs changes':>11} {'cfs reads/attach':>16} {'cfs reads/full check':>20} {'detach ms':>10} "
           f"{'setup s':>8}")
     for row in rows:
-        ratio = row.median_ms(row.latencies) / base.median_ms(base.latencies)
+        ratio = row.median_ms(row.latencies) / base
         changes = Sample.of(row.changes).median
         reads = Sample.of(row.reads)
-        print(f"{row.vms:>12} {row.namespaces:>10} {len(row.latencies):>4} {row.median_ms(row.latencies):>10.1f} "
+        print(f"{row.label:>16} {row.namespaces:>10} {len(row.latencies):>4} {row.median_ms(row.latencies):>10.1f} "
               f"{row.p90_ms():>9.1f} {ratio:>8.2f}x {changes:>11.0f} {reads.spread(digits=0):>16} "
               f"{row.reads_per_reconcile:>20} {row.median_ms(row.detach):>10.1f} {row.setup_seconds:>8.1f}",
               flush=True)
@@ -244,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="disks (namespaces) of each background VM; 4 with --sizes 2500 is a 10,000-namespace host")
     parser.add_argument("--budget", type=float, default=1800.0,
                         help="seconds: no new size is started after this; what was measured is printed")
+    parser.add_argument("--rebaseline", action="store_true",
+                        help="after the last size, remove the background and measure 0 VMs again; ratios are then "
+                             "to both baselines pooled")
     parser.add_argument("--out", type=Path, help="write report.json and report.md into this directory")
     args = parser.parse_args(argv)
     sizes = [parse_size(s, args.disks_per_vm) for s in args.sizes.split(",") if s and s.split(":")[0] != "0"]
@@ -282,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                 if i in (0, count - 1) or (i + 1) % 10 == 0:
                     print(f"[{time.monotonic() - t0:7.1f} s] {size} VMs: sample {i + 1}/{count}: "
                           f"{row.latencies[-1] * 1e3:.1f} ms", flush=True)
+            rows.append(row)
+        if args.rebaseline and len(rows) > 1:
+            row = Row(0, after=True)
+            print(f"[{time.monotonic() - t0:7.1f} s] background removed ({bench.shrink_to_zero():.1f} s)", flush=True)
+            for _ in range(args.samples_at_size):
+                bench.sample(row)
             rows.append(row)
         if rows:
             print_table(rows)  # before the teardown: the figures are out even if the rig's timeout strikes there

@@ -1,8 +1,10 @@
 """The host side of native NVMe multipath in the rig: nvme_core reloaded with multipath=Y (the rig boots with
 multipath=N so other tests get one device per controller), the shared head device, each path's ANA state.
 
-`multipath` is a read-only parameter of nvme_core, so it can change only by reloading the module, which needs every
-NVMe host controller gone (the nvmet tree wiped: a loop port pins nvme-loop)."""
+`multipath` is a read-only parameter of nvme_core, so it changes only by reloading the module, and every module
+that holds it goes first: the host transports, the PCI driver of the rig's drives, and nvmet itself (its passthru
+uses nvme_core) with its transports and nvmet-vhost. So the nvmet tree must be empty and its owner stopped
+(`target_restarted_with` in test_rbd stops nvmetd, which restores its tree when started again)."""
 
 from __future__ import annotations
 
@@ -12,34 +14,53 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-HOST_MODULES = ("nvme_loop", "nvme_tcp", "nvme_rdma", "nvme_fabrics", "nvme", "nvme_core")
 SYS_SUBSYS = Path("/sys/class/nvme-subsystem")
 SYS_NVME = Path("/sys/class/nvme")
+SYS_MODULE = Path("/sys/module")
 
 
-def _multipath() -> str:
-    return Path("/sys/module/nvme_core/parameters/multipath").read_text().strip()
+def multipath() -> bool:
+    return (SYS_MODULE / "nvme_core/parameters/multipath").read_text().strip() == "Y"
 
 
-def _reload(multipath: bool) -> None:
-    loaded = [m for m in HOST_MODULES if Path("/sys/module", m).exists()]
+def holders_first(module: str) -> list[str]:
+    """`module` and every module holding it, directly or not, each after all of its own holders: the order in
+    which they can be unloaded one at a time."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        for holder in sorted(p.name for p in (SYS_MODULE / name / "holders").glob("*")):
+            visit(holder)
+        order.append(name)
+
+    visit(module)
+    return order
+
+
+def reload_nvme_core(native: bool) -> None:
+    """nvme_core with multipath=Y (native) or N; what held it is loaded again after."""
     subprocess.run(["nvme", "disconnect-all"], capture_output=True, check=False)
-    if loaded:
-        subprocess.run(["modprobe", "-r", *loaded], check=True, capture_output=True, timeout=120)
-    subprocess.run(["modprobe", "nvme_core", f"multipath={'Y' if multipath else 'N'}"], check=True, timeout=120)
-    subprocess.run(["modprobe", "-a", "nvme_fabrics", "nvme_tcp", "nvme_loop"], check=True, timeout=120)
+    stack = holders_first("nvme_core") if (SYS_MODULE / "nvme_core").exists() else ["nvme_core"]
+    proc = subprocess.run(["modprobe", "-r", *stack], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"cannot unload {stack}: {proc.stderr.strip()}"
+    subprocess.run(["modprobe", "nvme_core", f"multipath={'Y' if native else 'N'}"], check=True, timeout=120)
+    again = [m for m in stack if m != "nvme_core"]
+    subprocess.run(["modprobe", "-a", *again, "nvme_fabrics", "nvme_tcp", "nvme_loop"], check=True, timeout=300)
+    subprocess.run(["udevadm", "settle", "--timeout", "60"], check=False)
+    assert multipath() == native
 
 
 @contextmanager
 def native_multipath() -> Iterator[None]:
-    """nvme_core with multipath=Y for the block, then back as it was."""
-    before = _multipath()
-    _reload(True)
+    """nvme_core with multipath=Y for the block, then back as it was (nothing may hold nvmet meanwhile)."""
+    before = multipath()
+    reload_nvme_core(True)
     try:
-        assert _multipath() == "Y"
         yield
     finally:
-        _reload(before == "Y")
+        reload_nvme_core(before)
 
 
 def head_device(nqn: str, nsid: int, timeout: float = 30.0) -> Path:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from tests.conftest import wipe
 from tests.kernel import hostside, multipath_host
 from tests.kernel.backend_rig import MIB, contains, device_size, need, write_direct
 from tests.kernel.ceph_cluster import OSDS, Cluster
-from tests.kernel.multipath_host import head_device, native_multipath
+from tests.kernel.multipath_host import head_device
 from tests.kernel.service_fixture import Daemon
 
 pytestmark = [pytest.mark.kernel, pytest.mark.long]
@@ -300,9 +301,25 @@ def test_deep_scrub_finds_a_corrupted_replica_and_repair_restores_it(ceph: Clust
     pool.delete("scrub")
 
 
-# Not yet proven: the rig boots nvme_core with multipath=N (read-only parameter) and nvmet itself depends on
-# nvme_core (passthru), so multipath_host's reload cannot run while nvmet exports the disk; needs a boot with
-# multipath=Y or a reload of the whole target stack.
+@contextmanager
+def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
+    """nvmet holds nvme_core (passthru), so the host's multipath=Y needs the whole NVMe stack reloaded: nvmetd
+    stopped, its tree taken down by hand, nvme_core reloaded, nvmetd started (it restores its tree from its state,
+    both ports and their ANA groups); and the same back to the rig's multipath=N after."""
+    before = multipath_host.multipath()
+    daemon.stop()
+    wipe()
+    multipath_host.reload_nvme_core(True)
+    daemon.start(deadline=900)
+    try:
+        yield
+    finally:
+        daemon.stop()
+        wipe()
+        multipath_host.reload_nvme_core(before)
+        daemon.start(deadline=900)
+
+
 @pytest.mark.long
 def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Backend, cfs: ConfigFS,
                                                         daemon: Daemon) -> None:
@@ -317,7 +334,7 @@ def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Ba
     key = Path(att["dhchap_key_file"]).read_text()
     nqn = att["subsystem_nqn"]
     try:
-        with native_multipath():
+        with target_restarted_with_native_multipath(daemon):
             for svc in (primary, standby):
                 hostside.connect("tcp", nqn, att["host_nqn"], "127.0.0.1", svc, dhchap_secret=key)
             head = head_device(nqn, att["nsid"])
