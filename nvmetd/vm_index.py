@@ -38,7 +38,7 @@ def summary(row: Mapping[str, Any]) -> Row:
     return tuple(attachments), tuple(e for a in attachments.values() for e in exports(a))
 
 
-MAX_DEPTH = 32  # layers before a summary is flattened into one: lookups stay short, a change copies nothing
+MAX_DEPTH = 64  # layers before a summary is flattened into one: lookups stay short, a change copies nothing
 
 
 @dataclass(frozen=True)
