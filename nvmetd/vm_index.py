@@ -53,6 +53,7 @@ class _Layer:
     users: dict[str, frozenset[str]]  # disk -> its VMs; empty: none
     counts: dict[str, int]  # export -> attachments on it (whole: a handful of keys)
     depth: int
+    dead: tuple[str, ...] = ()  # keys of `rows` or `users` this layer marks gone (None, empty): dropped by `flat`
 
     def row(self, name: str) -> Row | None:
         layer: _Layer | None = self
@@ -79,11 +80,16 @@ class _Layer:
             layer = layer.parent
         rows: dict[str, Row | None] = {}
         users: dict[str, frozenset[str]] = {}
-        for layer in reversed(chain):
+        for layer in reversed(chain):  # dict updates, in C: no Python loop over every VM and disk
             rows.update(layer.rows)
             users.update(layer.users)
-        return _Layer(None, {k: v for k, v in rows.items() if v is not None},
-                      {k: v for k, v in users.items() if v}, dict(self.counts), 0)
+        for layer in chain:
+            for key in layer.dead:
+                if key in rows and rows[key] is None:
+                    del rows[key]
+                if key in users and not users[key]:
+                    del users[key]
+        return _Layer(None, rows, users, dict(self.counts), 0)
 
 
 _EMPTY = _Layer(None, {}, {}, {}, 0)
@@ -120,7 +126,8 @@ class VmIndex:
                 for disk in disks:
                     users[disk] = (users[disk] if disk in users else base.disk_users(disk)) | {name}
                 _count(counts, ports, +1)
-        layer = _Layer(base, own, users, counts, base.depth + 1)
+        dead = tuple(k for k, v in own.items() if v is None) + tuple(k for k, v in users.items() if not v)
+        layer = _Layer(base, own, users, counts, base.depth + 1, dead)
         return VmIndex(section, layer.flat() if flatten and layer.depth > MAX_DEPTH else layer)
 
     def disk_users(self, disk: str) -> list[str]:

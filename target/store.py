@@ -295,7 +295,7 @@ def _rolled(derived: dict[str, tuple[Derived[Any], Any]], old: dict[str, Any], n
             record: Changes) -> dict[str, tuple[Derived[Any], Any]]:
     """The summaries of `new` from those of `old` (a new dict: `old`'s stay as they were, for its readers)."""
     rolled: dict[str, tuple[Derived[Any], Any]] = {}
-    for key, (spec, value) in derived.items():
+    for key, (spec, value) in tuple(derived.items()):  # a reader may add one meanwhile (derived())
         value = spec.update(value, old, new, record)
         if value is not None:
             rolled[key] = (spec, value)

@@ -1,10 +1,10 @@
 """The store's summary of the VMs (nvmetd/vm_index.py) always equals a walk over every VM of the document.
 
 The walk here is the code the summary replaced (which VM has which disk, which of nvmetd's ports any VM uses).
-Checked after random sequences of attaches, detaches, VM deletions, unrelated changes, whole-section writes and
-compactions; inside a transaction (the view's own rows on top of the stored summary); after another process
-changed the files (journal lines it appended, a base it rewrote); and through the Manager, whose attach must
-refuse a disk another process has just given to another VM.
+Checked after random sequences of attaches, detaches, VM deletions, unrelated changes, whole-section writes,
+compactions and merges of the summary's layers; inside a transaction (the view's own rows on top of the stored
+summary); after another process changed the files (journal lines it appended, a base it rewrote); and through
+the Manager, whose attach must refuse a disk another process has just given to another VM.
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ def change(doc: dict[str, Any], op: tuple[Any, ...]) -> None:
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops, st.integers(min_value=0, max_value=600))
-def test_the_summary_equals_a_walk_after_any_sequence(sequence: list[tuple[Any, ...]], compact: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(journal, "MIN_COMPACT_BYTES", compact):
+@given(ops, st.integers(min_value=0, max_value=600), st.integers(min_value=1, max_value=8))
+def test_the_summary_equals_a_walk_after_any_sequence(sequence: list[tuple[Any, ...]], compact: int,
+                                                      depth: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(journal, "MIN_COMPACT_BYTES", compact), \
+            mock.patch.object(vm_index, "MAX_DEPTH", depth):  # layers merged within a sequence too
         store = StateStore(Path(tmp) / "state.json")
         for op in sequence:
             with store.transaction() as doc:
