@@ -1,19 +1,25 @@
 """Benchmark (figures, not a test): what the kernel-target limit mechanism costs a disk that has no limit.
 
-Two null_blk devices of the same shape, one namespace each on one nvme-loop subsystem: `direct` opens its device
-as nvmetd does for a disk without limits; `throttled-path` opens it through the per-disk dm-linear device that
-nvmetd/throttle.py gives a disk with limits, with the cgroup v1 blkio hierarchy mounted and a limit of 0 (none)
-written for it, i.e. the mechanism in place but not limiting. fio 4k randread QD32 and 128k read alternate between
-the two round by round; per job the median, and the ratio throttled-path / direct (target: <= 1.05x in CPU per
-I/O and >= 0.95x in IOPS).
+nvmetd/throttle.py limits a block-device disk on its own device, so a disk without a limit is either one never
+limited or one whose limits were removed (its rules deleted, the cgroup v1 blkio hierarchy still mounted). Paths,
+each a namespace of one nvme-loop subsystem, fio 4k randread QD32 and 128k read alternating between them round by
+round in a shuffled order; per job the medians, and per-round ratios to `direct`:
 
-    python -m rig -- .venv/bin/python -m bench.limits_overhead [--runtime 10] [--rounds 3] [--json]
+- `direct`: a null_blk device nvmet opens, never limited (the baseline);
+- `removed`: a second null_blk device of the same shape that had limits, removed (what an unlimited disk pays:
+  target <= 1.05x in CPU per I/O, >= 0.95x in IOPS);
+- `unreached`: the same device with a limit in place far above its rate (blk-throttle's accounting; context);
+- `file` and `file-removed` (context): a file on tmpfs that nvmet opens, and the same file's loop device (direct
+  I/O) that a file disk keeps while attached after its limits are removed; the ratio is file-removed / file.
+
+    python -m rig -- .venv/bin/python -m bench.limits_overhead [--runtime 6] [--rounds 5] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -29,6 +35,11 @@ from target.model import Namespace, Port, Subsystem, TargetState
 
 SUB = "nqn.2026-11.io.nvmetd:bench-limits"
 NULL_KEYS = ("benchlim0", "benchlim1")
+FILE = Path("/run/nvmetd-bench-limits.img")
+UNREACHED = throttle.Limits(riops=throttle.MAX_IOPS, rmbps=throttle.MAX_MBPS)
+# path -> (namespace id, baseline it is compared with)
+PATHS = {"direct": (1, "direct"), "removed": (2, "direct"), "unreached": (2, "direct"),
+         "file": (3, "file"), "file-removed": (4, "file")}
 
 
 def _null_device(key: str) -> str:
@@ -44,6 +55,12 @@ def _null_device(key: str) -> str:
     return str(named) if named.exists() else f"/dev/nullb{(item / 'index').read_text().strip()}"
 
 
+def _file() -> str:
+    """Written through, so every read is of data (a hole reads faster)."""
+    subprocess.run(["dd", "if=/dev/urandom", f"of={FILE}", "bs=1M", "count=256", "status=none"], check=True)
+    return str(FILE)
+
+
 def _device(nsid: int, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,52 +74,86 @@ def _device(nsid: int, timeout: float = 30) -> str:
     raise SystemExit(f"bench.limits_overhead: namespace {nsid} did not appear")
 
 
+def _measure(hosts: dict[int, str], limited: str, rounds: int, runtime: int) -> dict[str, list[dict[str, dict]]]:
+    """job -> one {path: fio figures} per round; the paths in a shuffled order each round (seeded), so a drift
+    of the shared machine's load falls on every path alike."""
+    order = random.Random(7)  # noqa: S311 - an order of runs, not a secret
+    figures: dict[str, list[dict[str, dict]]] = {}
+    for job, fio_args in JOBS.items():
+        figures[job] = []
+        for _ in range(rounds):
+            paths = list(PATHS)
+            order.shuffle(paths)
+            one: dict[str, dict] = {}
+            for path in paths:
+                if path == "unreached":
+                    throttle.apply(limited, UNREACHED)
+                try:
+                    one[path] = fio_read(hosts[PATHS[path][0]], fio_args, runtime)
+                finally:
+                    throttle.apply(limited, throttle.Limits())  # removed again: no rule for the device
+            figures[job].append(one)
+    return figures
+
+
+def _summary(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per path: the median of each figure, and of each round's ratio to its baseline in that same round (paired:
+    robust to a load that changes between rounds), with the range of those ratios."""
+    out: dict[str, dict] = {}
+    for path, (_, base) in PATHS.items():
+        entry: dict = {k: statistics.median(r[path][k] for r in rounds) for k in ("iops", "mbps", "cpu_us_per_io")}
+        if path != base:
+            for k in ("iops", "cpu_us_per_io"):
+                ratios = sorted(r[path][k] / r[base][k] for r in rounds if r[base][k])
+                entry[f"{k}_ratio"] = statistics.median(ratios) if ratios else None
+                entry[f"{k}_ratio_range"] = [ratios[0], ratios[-1]] if ratios else None
+        out[path] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.limits_overhead", description=__doc__.split("\n")[0])
-    parser.add_argument("--runtime", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    subprocess.run(["modprobe", "-a", "nvmet", "nvme-loop", "dm-mod"], check=True)
-    direct, behind = (_null_device(key) for key in NULL_KEYS)
-    mapper = throttle.device_for("bench-unlimited", behind)
-    throttle.apply(mapper, throttle.Limits())  # mechanism in place, no limit
+    subprocess.run(["modprobe", "-a", "nvmet", "nvme-loop"], check=True)
+    direct, limited = (_null_device(key) for key in NULL_KEYS)
+    file = _file()
+    throttle.apply(limited, throttle.Limits(riops=1000, wmbps=10))  # limited once ...
+    throttle.apply(limited, throttle.Limits())  # ... then removed
+    loop = throttle.served_device(file, limited=True, loops={})
     cfs = ConfigFS()
     state = TargetState(
         subsystems=[Subsystem(nqn=SUB, allow_any_host=True, namespaces=[
-            Namespace(nsid=1, device_path=direct), Namespace(nsid=2, device_path=mapper)])],
+            Namespace(nsid=1, device_path=direct), Namespace(nsid=2, device_path=limited),
+            Namespace(nsid=3, device_path=file), Namespace(nsid=4, device_path=loop)])],
         ports=[Port(id=9, trtype="loop", subsystems=[SUB])])
     try:
         apply_state(state, cfs)
         subprocess.run(["nvme", "connect", "-t", "loop", "-n", SUB], check=True, capture_output=True)
-        devices = {"direct": _device(1), "throttled-path": _device(2)}
-        figures = {}
-        for job, fio_args in JOBS.items():
-            runs: dict[str, list[dict[str, float]]] = {k: [] for k in devices}
-            for _ in range(args.rounds):
-                for kind, device in devices.items():
-                    runs[kind].append(fio_read(device, fio_args, args.runtime))
-            figures[job] = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in runs.items()}
+        figures = _measure({nsid: _device(nsid) for nsid in (1, 2, 3, 4)}, limited, args.rounds, args.runtime)
     finally:
         subprocess.run(["nvme", "disconnect", "-n", SUB], check=False, capture_output=True)
         apply_state(TargetState(), cfs)
-        throttle.release("bench-unlimited")
+        throttle.release(file)
+        FILE.unlink(missing_ok=True)
         for key in NULL_KEYS:
             (nullblk.NULLB / key / "power").write_text("0")
             (nullblk.NULLB / key).rmdir()
-    ratios = {job: {k: f["throttled-path"][k] / f["direct"][k] if f["direct"][k] else None
-                    for k in ("iops", "mbps", "cpu_us_per_io")} for job, f in figures.items()}
+    summary = {job: _summary(rounds) for job, rounds in figures.items()}
     if args.json:
-        print(json.dumps({"jobs": figures, "ratios_throttled_over_direct": ratios}, indent=2))
+        print(json.dumps({"rounds": figures, "summary": summary}, indent=2))
         return 0
-    print(f"unlimited disk: dm-linear + blk-throttle in place vs direct, null_blk, nvme-loop, {args.rounds} rounds "
-          f"of {args.runtime}s (medians)")
-    print(f"{'job':18} {'path':15} {'IOPS':>10} {'MB/s':>9} {'CPU us/IO':>10}")
-    for job, f in figures.items():
-        for kind, v in f.items():
-            print(f"{job:18} {kind:15} {v['iops']:10.0f} {v['mbps']:9.1f} {v['cpu_us_per_io']:10.1f}")
-        r = ratios[job]
-        print(f"{job:18} {'ratio':15} {r['iops']:10.3f} {r['mbps']:9.3f} {r['cpu_us_per_io']:10.3f}")
+    print(f"disks without a limit: after removal vs never limited, null_blk and a tmpfs file, nvme-loop, "
+          f"{args.rounds} rounds of {args.runtime}s, shuffled (medians; ratios paired per round, to `direct`, "
+          f"file-removed to `file`, [range])")
+    print(f"{'job':18} {'path':13} {'IOPS':>9} {'MB/s':>8} {'CPU us/IO':>9}  {'IOPS x':>20}  {'CPU/IO x':>20}")
+    for job, paths in summary.items():
+        for path, v in paths.items():
+            extra = "".join(f"  {v[k + '_ratio']:6.3f} [{v[k + '_ratio_range'][0]:.2f}-{v[k + '_ratio_range'][1]:.2f}]"
+                            for k in ("iops", "cpu_us_per_io") if v.get(k + "_ratio"))
+            print(f"{job:18} {path:13} {v['iops']:9.0f} {v['mbps']:8.1f} {v['cpu_us_per_io']:9.1f}{extra}")
     return 0
 
 

@@ -140,9 +140,10 @@ class Manager:
         devices: dict[str, str] = {}
         for pool, disks in by_pool.items():
             devices.update(self._pool(pool).attach_many(disks))
+        loops = throttle.loop_devices()  # once per full reconcile, not once per file disk
         for vm in self._vms(doc).values():
             for disk, att in vm.attachments.items():
-                devices[disk] = self._throttled(doc, disk, att, devices[disk])
+                devices[disk] = self._throttled(doc, disk, att, devices[disk], loops)
         self._device_paths = dict(devices)
         return devices
 
@@ -151,20 +152,23 @@ class Manager:
         return self._throttled(doc, disk, att, self._pool(self._disk_pool(doc, disk)).attach(disk))
 
     @staticmethod
-    def _throttled(doc: dict[str, Any], disk: str, att: Attachment, device: str) -> str:
-        """A disk the kernel target serves (loop, tcp, rdma, kernel vhost) and that has limits is served through
-        its own throttled device (nvmetd/throttle.py): nvmet's bios are limited there, whoever submits them. The
-        engine limits in its own token bucket instead (engine_specs)."""
-        limits = throttle.Limits.model_validate(_disk_row(doc, disk).get("limits", {}))
-        # once made, the device stays while the disk is attached: removing the last limit changes no device path
-        if att.in_kernel and (limits.per_direction() or throttle.exists(disk)):
-            device = throttle.device_for(disk, device)
-        return device
+    def _throttled(doc: dict[str, Any], disk: str, att: Attachment, device: str,
+                   loops: dict[str, str] | None = None) -> str:
+        """What the namespace opens (nvmetd/throttle.py): a disk the kernel target serves (loop, tcp, rdma,
+        kernel vhost) is limited on its own block device, so only a file disk with limits changes its path (to
+        its loop device, kept while attached). The engine limits in its own token bucket instead (engine_specs)."""
+        if not att.in_kernel or not throttle.is_file(device):
+            return device
+        limited = bool(throttle.Limits.model_validate(_disk_row(doc, disk).get("limits", {})).per_direction())
+        return throttle.served_device(device, limited, throttle.loop_devices() if loops is None else loops)
 
-    def _apply_limits(self, doc: dict[str, Any], devices: dict[str, str]) -> None:
-        for disk, device in devices.items():
-            if device.startswith(f"/dev/mapper/{throttle.DM_PREFIX}"):
-                throttle.apply(device, throttle.Limits.model_validate(_disk_row(doc, disk)["limits"]))
+    def _apply_limits(self, doc: dict[str, Any], devices: dict[str, str], vms: list[Vm]) -> None:
+        """The rules of every disk of `vms` that the kernel target serves and that has (or had) limits: a limit
+        removed is written as 0, which deletes its rule."""
+        for vm in vms:
+            for disk, att in vm.attachments.items():
+                if att.in_kernel and "limits" in _disk_row(doc, disk) and not throttle.is_file(devices[disk]):
+                    throttle.apply(devices[disk], throttle.Limits.model_validate(_disk_row(doc, disk)["limits"]))
 
     def _device(self, doc: dict[str, Any], disk: str, att: Attachment) -> str:
         """One disk's device: activated once, then known (a pool's ledger is not re-read per change)."""
@@ -221,7 +225,7 @@ class Manager:
             devices = self._devices(doc)
             # limits before the tree: a namespace never serves a moment unthrottled, and a restore that waits
             # (or fails) on a port does not leave the disks' limits unapplied
-            self._apply_limits(doc, devices)
+            self._apply_limits(doc, devices, list(self._vms(doc).values()))
             state = self.effective(doc, devices)
             if not self.cfs.exists() and state == TargetState():
                 result = ApplyResult()  # nothing for the kernel to hold, and no kernel target here: vhost only
@@ -254,7 +258,7 @@ class Manager:
             return self.reconcile()  # the scope (vm_scope, target/scope.py) knows nvmetd's fabric ports only
         ports = self._ports(doc)
         devices = {disk: self._device(doc, disk, a) for disk, a in vm.attachments.items()}
-        self._apply_limits(doc, devices)  # before the namespaces go live (see reconcile)
+        self._apply_limits(doc, devices, [vm])  # before the namespaces go live (see reconcile)
         state = vm_scope.vm_state(vm, devices, ports, vms.transports_in_use())
         if not self.cfs.exists() and state == TargetState():
             result = ApplyResult()
@@ -301,10 +305,11 @@ class Manager:
             self._device_paths.pop(disk, None)
             entry = state_doc.disk(doc, disk)
             if entry is not None and entry.ready:
-                if "limits" in _disk_row(doc, disk):
-                    throttle.release(disk)  # the throttled device sits on the volume: before closing it
                 pool = self._pool(entry.pool)
-                if pool.info(disk).attached:
+                info = pool.info(disk)
+                if info.attached:
+                    if "limits" in _disk_row(doc, disk) and info.device_path:
+                        throttle.release(info.device_path)  # its loop device or rules: before closing it
                     pool.detach(disk)
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
@@ -313,13 +318,15 @@ class Manager:
         by_pool: dict[str, list[str]] = {}  # each pool's ledger read and written once, not once per disk
         for disk, entry in state_doc.disks(doc).items():
             if disk not in attached and entry.ready:
-                if "limits" in doc["disks"][disk]:
-                    throttle.release(disk)  # the throttled device sits on the volume: before closing it
                 by_pool.setdefault(entry.pool, []).append(disk)
         for name, disks in by_pool.items():
             pool = self._pool(name)
             ledger = pool.ledger.load()
-            pool.detach_many([d for d in disks if pool.info(d, ledger).attached])
+            still_open = {d: info for d in disks if (info := pool.info(d, ledger)).attached}
+            for disk, info in still_open.items():
+                if "limits" in _disk_row(doc, disk) and info.device_path:
+                    throttle.release(info.device_path)  # its loop device or rules: before closing it
+            pool.detach_many(list(still_open))
 
     # ------------------------------------------------------------------ target
     def apply_base(self, state: TargetState) -> ApplyResult:

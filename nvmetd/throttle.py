@@ -1,16 +1,24 @@
-"""Per-disk I/O limits on the kernel target: a dm-linear device per limited disk, throttled by blk-throttle.
+"""Per-disk I/O limits on the kernel target: blk-throttle on the disk's own block device.
 
 Why this way: nvmet submits a namespace's bios from its own kernel workers, which sit in the root cgroup, so
 cgroup v2 `io.max` (per cgroup) never sees a tenant. blk-throttle's cgroup v1 interface takes limits for the
 root group per block device (`blkio.throttle.*_device`, "MAJ:MIN value"), and those apply to every bio sent to
-that device, nvmet's included. Giving each limited disk a dm-linear device of its own makes the device the
-tenant: its namespace opens /dev/mapper/nvmetd-lim-<disk>, and the limit on that device limits exactly that
-disk. Changing a limit is one write to a cgroup file and takes effect on the running namespace (no reconnect);
-a limit of 0 removes it. Measured in the 6.12 rig (null_blk behind dm-linear, nvme-loop, fio): see the README.
+that device, nvmet's included. So the device is the tenant:
+
+- a disk whose volume is a block device of its own (LV, zvol, LUKS mapping, RBD image, null_blk) is limited on
+  that very device. Nothing is stacked on it, so its namespace never moves, and a disk without a limit (never
+  limited, or its last limit removed, which deletes its rules) costs exactly what it cost before: the kernel
+  skips blk-throttle for a device with no rule. Until 2026-12-02 every limited disk got a dm-linear device of its
+  own instead; a disk whose limits had been removed kept it, at 1.12-1.15x the CPU per I/O (bench.limits_overhead).
+- a file disk has no device of its own (its bios reach the filesystem's shared device), so a limited one is
+  served through a loop device over its file (direct I/O, so the page cache does not absorb what the limit should
+  see). The loop device stays while the disk is attached: removing the last limit changes no device path.
+
+Changing a limit is one write to a cgroup file and takes effect on the running namespace (no reconnect); a limit
+of 0 removes it. A rule lives as long as its device: gone when a volume is closed or destroyed.
 
 The v1 blkio hierarchy can be mounted only while cgroup v2 does not use the io controller (no `io` in any
-cgroup.subtree_control); otherwise this refuses with the reason. A file-backed disk gets a loop device first
-(dm needs a block device), with direct I/O so the page cache does not absorb what the limit should see.
+cgroup.subtree_control); otherwise this refuses with the reason.
 """
 
 from __future__ import annotations
@@ -24,9 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from nvmetd.errors import SystemProblem
 
 BLKIO_MOUNT = Path("/run/nvmetd/blkio")
-DM_PREFIX = "nvmetd-lim-"
 MAX_IOPS = 10_000_000
 MAX_MBPS = 1_000_000  # 1 TB/s: anything above is a typo
+LOOP_MAJOR = 7
 
 
 class Limits(BaseModel):
@@ -72,16 +80,7 @@ def _run(argv: list[str]) -> str:
 
 def check_available() -> None:
     """Before a limit is stored: a stored limit this host cannot enforce would fail every later reconcile."""
-    if not _device_mapper():
-        raise SystemProblem("limits: this kernel has no device-mapper (dm-mod), which kernel-target limits need")
     mount_blkio()
-
-
-def _device_mapper() -> bool:
-    """device-mapper is there, loading dm-mod first if it is a module not loaded yet (as nvmet's modules are)."""
-    if "device-mapper" not in Path("/proc/misc").read_text():
-        subprocess.run(["modprobe", "-q", "dm-mod"], capture_output=True, check=False)
-    return "device-mapper" in Path("/proc/misc").read_text()
 
 
 def mount_blkio(mount: Path = BLKIO_MOUNT) -> Path:
@@ -96,38 +95,34 @@ def mount_blkio(mount: Path = BLKIO_MOUNT) -> Path:
     return mount
 
 
-def dm_name(disk: str) -> str:
-    return DM_PREFIX + disk
+def loop_devices(sys_block: Path = Path("/sys/block")) -> dict[str, str]:
+    """Backing file -> loop device, of every bound loop device (sysfs: no process per lookup)."""
+    found: dict[str, str] = {}
+    for attr in sys_block.glob("loop*/loop/backing_file"):
+        try:
+            found[attr.read_text().strip()] = f"/dev/{attr.parent.parent.name}"
+        except OSError:  # unbound between the glob and the read
+            continue
+    return found
 
 
-def _block_device(backing: str) -> str:
-    """dm needs a block device: a file gets a loop device (direct I/O), found again by its backing file."""
-    path = Path(backing)
-    if path.is_block_device():
+def is_file(backing: str) -> bool:
+    """A file disk: it has no block device of its own to carry its rules."""
+    return not Path(backing).is_block_device()
+
+
+def served_device(backing: str, limited: bool, loops: dict[str, str]) -> str:
+    """What the namespace of a disk the kernel target serves opens: the volume itself, or for a file disk that
+    is (or was, while attached) limited, its loop device (made here if missing; idempotent)."""
+    if not is_file(backing):
         return backing
-    for line in _run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"]).splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[1].strip() == str(path.resolve()):
-            return parts[0]
-    return _run(["losetup", "--find", "--show", "--direct-io=on", str(path)])
-
-
-def exists(disk: str) -> bool:
-    return Path("/dev/mapper", dm_name(disk)).exists()
-
-
-def device_for(disk: str, backing: str) -> str:
-    """The throttled device for `disk` (made if missing; idempotent): /dev/mapper/nvmetd-lim-<disk>."""
-    mapper = Path("/dev/mapper", dm_name(disk))
-    if mapper.exists():
-        return str(mapper)
-    if not _device_mapper():  # after a reboot, before any limit was changed
-        raise SystemProblem("limits: this kernel has no device-mapper (dm-mod), which kernel-target limits need")
-    block = _block_device(backing)
-    sectors = _run(["blockdev", "--getsz", block])
-    _run(["dmsetup", "create", dm_name(disk), "--table", f"0 {int(sectors)} linear {block} 0"])
-    _run(["dmsetup", "mknodes", dm_name(disk)])
-    return str(mapper)
+    resolved = str(Path(backing).resolve())
+    if resolved in loops:
+        return loops[resolved]
+    if not limited:
+        return backing
+    loops[resolved] = _run(["losetup", "--find", "--show", "--direct-io=on", resolved])
+    return loops[resolved]
 
 
 def majmin(device: str) -> str:
@@ -136,8 +131,13 @@ def majmin(device: str) -> str:
 
 
 def apply(device: str, limits: Limits, mount: Path = BLKIO_MOUNT) -> None:
-    """Write the limits of one device; takes effect on I/O in flight."""
-    root = mount_blkio(mount)
+    """Write the limits of one device (0 deletes a rule); takes effect on I/O in flight."""
+    try:
+        root = mount_blkio(mount)
+    except SystemProblem:
+        if limits.per_direction():
+            raise
+        return  # no hierarchy here, so no rule of ours to delete
     dev = majmin(device)
     for name, value in limits.files().items():
         (root / name).write_text(f"{dev} {value}\n")
@@ -153,15 +153,13 @@ def current(device: str, mount: Path = BLKIO_MOUNT) -> dict[str, int]:
     return found
 
 
-def release(disk: str) -> None:
-    """Remove the disk's dm device and its loop device, if any (after its namespace is gone)."""
-    name = dm_name(disk)
-    if not Path("/dev/mapper", name).exists():
-        return
-    table = _run(["dmsetup", "table", name]).split()
-    _run(["dmsetup", "remove", name])
-    if len(table) >= 4 and table[2] == "linear":
-        under = table[3]
-        major, minor = (int(x) for x in under.split(":")) if ":" in under else (None, None)
-        if major == 7:  # a loop device made by _block_device
-            subprocess.run(["losetup", "--detach", f"/dev/loop{minor}"], capture_output=True, check=False)
+def release(backing: str) -> None:
+    """A disk no longer served by the kernel target (after its namespace is gone, before its volume closes): a
+    file disk's loop device is detached (its rules go with it); a block device's rules are deleted, so the volume
+    carries none into whatever opens it next."""
+    if is_file(backing):
+        loop = loop_devices().get(str(Path(backing).resolve()))
+        if loop is not None:
+            subprocess.run(["losetup", "--detach", loop], capture_output=True, check=False)
+    elif Path(backing).exists():
+        apply(backing, Limits())
