@@ -21,6 +21,7 @@ from backends.keys import KeyStore
 from backends.ledger import Ledger, new_intent_id
 from backends.model import PoolStatus, VolumeInfo
 from nvmetd.crashpoints import crash_point
+from target.tracked import peek
 
 Record = dict[str, Any]
 MAX_SNAPSHOT_NAME = 48
@@ -458,7 +459,10 @@ class Backend(ABC):
     def info(self, name: str, doc: dict[str, Any] | None = None) -> VolumeInfo:
         if doc is None:
             doc = self.ledger.load()
-        return self._info(self._get(doc, name))
+        vol = peek(doc, "volumes", name)  # read only: the pool's other volumes are not copied to read one
+        if vol is None:
+            raise NotFoundError(f"{self.kind} pool {self.name!r} has no volume {name!r}")
+        return self._info(vol)
 
     def _info(self, vol: Record) -> VolumeInfo:
         allocated, ratio = self._usage(vol)

@@ -29,6 +29,7 @@ from nvmetd.opi.state import OpiState
 from nvmetd.vms import Ports, Vm
 from target.model import TargetState, parse_state
 from target.store import FORMAT_VERSION, StateStore
+from target.tracked import peek
 
 
 class DiskState(StrEnum):
@@ -104,8 +105,8 @@ def transaction(store: StateStore) -> Iterator[StateDocument]:
 
 
 def disk(raw: dict[str, Any], name: str) -> Disk | None:
-    """One disk of a stored document, typed, without validating the others (the attach path)."""
-    entry = raw.get("disks", {}).get(name)
+    """One disk of a stored document, typed, without validating the others or copying them (the attach path)."""
+    entry = peek(raw, "disks", name)
     return None if entry is None else Disk.model_validate(entry)
 
 

@@ -3,24 +3,14 @@
 Why: composing and planning the whole tree per change made an attach cost grow with the number of VMs on the
 host. An attach or detach concerns that VM's host entry, its subsystem (namespaces, allowed host) and its links
 on nvmetd's ports; the ports themselves must exist while any VM uses their transport. The full tree is still
-composed and checked at start and on the drift timer (Manager.reconcile).
+composed and checked at start and on the drift timer (Manager.reconcile). Which ports other VMs use comes from
+the store's summary of the VMs (nvmetd/vm_index.py), not from a walk over them.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from nvmetd.vms import KERNEL_TRANSPORTS, STANDBY, Ports, Vm, compose
+from nvmetd.vms import Ports, Vm, compose
 from target.model import TargetState
-from target.tracked import committed_rows
-
-
-def transports_in_use(doc: dict[str, Any]) -> set[str]:
-    """nvmetd ports (a kernel transport, `tls` for the TLS port, or the multipath standby port) any VM of the
-    stored state has a disk on (a walk of the stored dicts, no validation)."""
-    attachments = [a for _, vm in committed_rows(doc.get("vms", {})) for a in vm.get("attachments", {}).values()]
-    used = {"tls" if a.get("tls") else a.get("transport") for a in attachments} & {*KERNEL_TRANSPORTS, "tls"}
-    return used | ({STANDBY} if any(a.get("multipath") for a in attachments) else set())
 
 
 def vm_state(vm: Vm, devices: dict[str, str], ports: Ports, in_use: set[str]) -> TargetState:

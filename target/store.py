@@ -12,6 +12,11 @@ another process (`nvmetctl --offline`, a pool's CLI) is seen; a transaction yiel
 it touches (target/tracked.py) and saves only the changed rows, as one fsynced line of the journal
 (target/journal.py: base file + journal, compacted into a new base when the journal outgrows it). A file of an
 earlier version (a base with no journal, indented or not) loads as it is; its first change starts its journal.
+
+Summaries of the document that a change would otherwise recompute by walking every row (which disk each VM has,
+which ports are in use: nvmetd/vm_index.py) are kept with the committed document (`derived`): built once, then
+rolled forward by each change's record, by this process or read from the journal; a document read afresh (another
+process compacted, a file replaced by hand) starts without them, so they are rebuilt from what was read.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from target import journal
 from target.journal import BaseId, JournalError
 from target.model import TargetState, parse_state
-from target.tracked import Tracked, apply, changes
+from target.tracked import Changes, Tracked, apply, changes
 
 DEFAULT_PATH = Path("/var/lib/nvmetd/state.json")
 FORMAT_VERSION = 1
@@ -42,6 +47,24 @@ class StoreError(Exception):
 
 class ConflictError(StoreError):
     pass
+
+
+T = TypeVar("T")
+
+
+class Derived(Protocol[T]):
+    """A summary of the committed document that follows it change by change (StateStore.derived)."""
+
+    key: str  # one summary per key and document
+
+    def build(self, doc: dict[str, Any]) -> T:
+        """The summary of `doc`, from all of it."""
+        ...
+
+    def update(self, value: T, old: dict[str, Any], new: dict[str, Any], record: Changes) -> T | None:
+        """The summary of `new` (`old` with `record` applied), from `value` (the summary of `old`) and what the
+        record touched; None: rebuild it when next asked. Never changes `value` in place (a reader may hold it)."""
+        ...
 
 
 def _empty() -> dict[str, Any]:
@@ -57,6 +80,7 @@ class _Committed:
     journal_ino: int | None
     consumed: int  # journal bytes read (whole lines)
     follows: bool  # the journal is this base's (else: stale, the next write starts a new one)
+    derived: dict[str, tuple[Derived[Any], Any]] = field(default_factory=dict, compare=False)  # key -> summary
 
 
 _CACHE: dict[str, _Committed] = {}
@@ -87,6 +111,18 @@ class StateStore:
     def target(self) -> TargetState:
         return parse_state(self.load().get("target", {}))
 
+    def derived(self, spec: Derived[T]) -> T:
+        """`spec`'s summary of the committed document (the one a transaction opened now is based on): built the
+        first time, then kept up to date by every change instead of being rebuilt."""
+        committed = self._current()
+        if committed is None:
+            return spec.build(self._empty())
+        entry = committed.derived.get(spec.key)
+        if entry is None:
+            entry = (spec, spec.build(committed.doc))
+            committed.derived[spec.key] = entry  # two threads racing build it twice, harmlessly
+        return entry[1]
+
     def _current(self) -> _Committed | None:
         """The committed document, re-read only as far as the files changed since (None: no file yet)."""
         with _CACHE_LOCK:
@@ -116,10 +152,11 @@ class StateStore:
             return self._read_all()
         if tail.consumed == cached.consumed:
             return cached  # only an unfinished line beyond: nothing committed yet
-        doc = cached.doc
+        doc, derived = cached.doc, cached.derived
         for record in tail.records:
-            doc = self._replay(doc, record, in_place=False)
-        return self._remember(replace(cached, doc=doc, consumed=tail.consumed))
+            old, doc = doc, self._replay(doc, record, in_place=False)
+            derived = _rolled(derived, old, doc, record)
+        return self._remember(replace(cached, doc=doc, consumed=tail.consumed, derived=derived))
 
     def _read_all(self) -> _Committed | None:
         for _ in range(20):  # a compaction by another process between reading the base and its journal: again
@@ -241,16 +278,28 @@ class StateStore:
         record = json.loads(line)  # what a reader of the file gets (lists, not tuples; str, not StrEnum)
         doc = apply(committed.doc, record)
         doc["generation"] = record["g"]
+        derived = _rolled(committed.derived, committed.doc, doc, record)
         if not committed.follows or committed.consumed > max(journal.MIN_COMPACT_BYTES, committed.base.size):
-            self._write_base(doc)  # compaction (or a journal that is not this base's): one whole write
+            self._write_base(doc, derived)  # compaction (or a journal that is not this base's): one whole write
             return
         st = journal.append(self.path, line, committed.consumed)
-        self._remember(replace(committed, doc=doc, journal_ino=st.st_ino, consumed=st.st_size))
+        self._remember(replace(committed, doc=doc, journal_ino=st.st_ino, consumed=st.st_size, derived=derived))
 
-    def _write_base(self, doc: dict[str, Any]) -> None:
+    def _write_base(self, doc: dict[str, Any], derived: dict[str, tuple[Derived[Any], Any]] | None = None) -> None:
         base = journal.write_base(self.path, doc)
         jst = os.stat(self.journal_path)
-        self._remember(_Committed(doc, base, jst.st_ino, jst.st_size, True))
+        self._remember(_Committed(doc, base, jst.st_ino, jst.st_size, True, dict(derived or {})))
+
+
+def _rolled(derived: dict[str, tuple[Derived[Any], Any]], old: dict[str, Any], new: dict[str, Any],
+            record: Changes) -> dict[str, tuple[Derived[Any], Any]]:
+    """The summaries of `new` from those of `old` (a new dict: `old`'s stay as they were, for its readers)."""
+    rolled: dict[str, tuple[Derived[Any], Any]] = {}
+    for key, (spec, value) in tuple(derived.items()):  # a reader may add one meanwhile (derived())
+        value = spec.update(value, old, new, record)
+        if value is not None:
+            rolled[key] = (spec, value)
+    return rolled
 
 
 def set_target(doc: dict[str, Any], state: TargetState) -> None:

@@ -143,6 +143,37 @@ def committed_rows(section: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
     return dict.items(section) if isinstance(section, dict) else section.items()
 
 
+def peek(doc: Mapping[str, Any], *keys: str) -> Any:
+    """The value at `keys` (a section, then a row) of a document or view, or None: read without copying it or
+    the section around it, so it is not the caller's to change (it may be the committed document's own).
+
+    Why: reaching one disk's row through the view copies its whole section first (10,000 disks on a large host,
+    or a pool ledger's volumes) when the caller only validates or reads that row."""
+    value: Any = doc
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = dict.get(value, key)
+    return value
+
+
+def touched_rows(section: Any, base: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The rows of `section` that may differ from `base` ({key: row, or None where deleted}) when `section` is
+    `base` itself or a view of it; None when it is neither (then only reading every row says what it holds).
+
+    Why: a summary kept for the committed section (nvmetd/vm_index.py) is corrected by the few rows a
+    transaction reached, instead of being recomputed from every row."""
+    if base is None:
+        return None
+    if section is base:
+        return {}
+    if not isinstance(section, Tracked) or section._base is not base:
+        return None
+    rows = {key: dict.__getitem__(section, key) for key in section._owned}
+    rows.update({key: None for key in section._gone if not dict.__contains__(section, key)})
+    return rows
+
+
 Changes = dict[str, Any]
 
 
