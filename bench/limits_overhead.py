@@ -5,7 +5,8 @@ limited or one whose limits were removed (its rules deleted, the cgroup v1 blkio
 each a namespace of one nvme-loop subsystem, fio 4k randread QD32 and 128k read alternating between them round by
 round in a shuffled order; per job the medians, and per-round ratios to `direct`:
 
-- `direct`: a null_blk device nvmet opens, never limited (the baseline);
+- `direct`: a null_blk device nvmet opens, never limited (the baseline), and `direct-2`, a second one never
+  limited: the A/A control, what two identical paths differ by in this run (the noise floor);
 - `removed`: a second null_blk device of the same shape that had limits, removed (what an unlimited disk pays:
   target <= 1.05x in CPU per I/O, >= 0.95x in IOPS);
 - `unreached`: the same device with a limit in place far above its rate (blk-throttle's accounting; context);
@@ -34,11 +35,11 @@ from target.configfs import ConfigFS
 from target.model import Namespace, Port, Subsystem, TargetState
 
 SUB = "nqn.2026-11.io.nvmetd:bench-limits"
-NULL_KEYS = ("benchlim0", "benchlim1")
+NULL_KEYS = ("benchlim0", "benchlim1", "benchlim2")
 FILE = Path("/run/nvmetd-bench-limits.img")
 UNREACHED = throttle.Limits(riops=throttle.MAX_IOPS, rmbps=throttle.MAX_MBPS)
 # path -> (namespace id, baseline it is compared with)
-PATHS = {"direct": (1, "direct"), "removed": (2, "direct"), "unreached": (2, "direct"),
+PATHS = {"direct": (1, "direct"), "direct-2": (5, "direct"), "removed": (2, "direct"), "unreached": (2, "direct"),
          "file": (3, "file"), "file-removed": (4, "file")}
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     subprocess.run(["modprobe", "-a", "nvmet", "nvme-loop"], check=True)
-    direct, limited = (_null_device(key) for key in NULL_KEYS)
+    direct, limited, direct_2 = (_null_device(key) for key in NULL_KEYS)
     file = _file()
     throttle.apply(limited, throttle.Limits(riops=1000, wmbps=10))  # limited once ...
     throttle.apply(limited, throttle.Limits())  # ... then removed
@@ -127,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     state = TargetState(
         subsystems=[Subsystem(nqn=SUB, allow_any_host=True, namespaces=[
             Namespace(nsid=1, device_path=direct), Namespace(nsid=2, device_path=limited),
-            Namespace(nsid=3, device_path=file), Namespace(nsid=4, device_path=loop)])],
+            Namespace(nsid=3, device_path=file), Namespace(nsid=4, device_path=loop),
+            Namespace(nsid=5, device_path=direct_2)])],
         ports=[Port(id=9, trtype="loop", subsystems=[SUB])])
     try:
         apply_state(state, cfs)
         subprocess.run(["nvme", "connect", "-t", "loop", "-n", SUB], check=True, capture_output=True)
-        figures = _measure({nsid: _device(nsid) for nsid in (1, 2, 3, 4)}, limited, args.rounds, args.runtime)
+        figures = _measure({nsid: _device(nsid) for nsid in (1, 2, 3, 4, 5)}, limited, args.rounds, args.runtime)
     finally:
         subprocess.run(["nvme", "disconnect", "-n", SUB], check=False, capture_output=True)
         apply_state(TargetState(), cfs)
