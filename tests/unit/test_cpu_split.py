@@ -37,8 +37,12 @@ def test_samples_from_this_machine_only_grow(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # the child's interpreter start-up is CPU too (~16 ms, in one CI run more than this process burned below):
+    # sample only once it says it is about to sleep
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('asleep', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "asleep"
         cg = tmp_path / "cg"
         cg.mkdir()
         (cg / "cgroup.procs").write_text(f"{child.pid}\n")
