@@ -6,10 +6,11 @@ root group per block device (`blkio.throttle.*_device`, "MAJ:MIN value"), and th
 that device, nvmet's included. So the device is the tenant:
 
 - a disk whose volume is a block device of its own (LV, zvol, LUKS mapping, RBD image, null_blk) is limited on
-  that very device. Nothing is stacked on it, so its namespace never moves, and a disk without a limit (never
-  limited, or its last limit removed, which deletes its rules) costs exactly what it cost before: the kernel
-  skips blk-throttle for a device with no rule. Until 2026-12-02 every limited disk got a dm-linear device of its
-  own instead; a disk whose limits had been removed kept it, at 1.12-1.15x the CPU per I/O (bench.limits_overhead).
+  that very device. Nothing is stacked on it, so its namespace never moves, and a disk never limited costs
+  exactly what it cost before. Removing the last limit deletes its rules, but the kernel keeps blk-throttle
+  active on a queue once it had a rule (until the device goes), and under cgroup v1 counts every bio there:
+  bench.limits_overhead measures that `removed` path. Until 2026-12-02 every limited disk got a dm-linear device
+  of its own instead, kept after its limits were removed, at 1.12-1.15x the CPU per I/O.
 - a file disk has no device of its own (its bios reach the filesystem's shared device), so a limited one is
   served through a loop device over its file (direct I/O, so the page cache does not absorb what the limit should
   see). The loop device stays while the disk is attached: removing the last limit changes no device path.
