@@ -122,6 +122,8 @@ def served_device(backing: str, limited: bool, loops: dict[str, str]) -> str:
         return loops[resolved]
     if not limited:
         return backing
+    if not Path("/dev/loop-control").exists():  # a host without udev's static nodes: no autoload on first use
+        subprocess.run(["modprobe", "-q", "loop"], capture_output=True, check=False)
     loops[resolved] = _run(["losetup", "--find", "--show", "--direct-io=on", resolved])
     return loops[resolved]
 
