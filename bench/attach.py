@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row.latencies[-1] * 1e3:.1f} ms", flush=True)
             rows.append(row)
         if args.rebaseline and len(rows) > 1:
+            print_table(rows)  # first without it: removing a 10,000-namespace background takes long under TCG
             row = Row(0, after=True)
             print(f"[{time.monotonic() - t0:7.1f} s] background removed ({bench.shrink_to_zero():.1f} s)", flush=True)
             for _ in range(args.samples_at_size):
