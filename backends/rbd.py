@@ -36,6 +36,7 @@ from backends.run import run
 FEATURES = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
 COMPRESSIONS = ("off", "lz4", "snappy", "zlib", "zstd")
 FAILURE_DOMAINS = ("osd", "host", "chassis", "rack", "row", "pdu", "pod", "room", "datacenter", "zone", "region")
+SYS_RBD = Path("/sys/bus/rbd/devices")
 DEFAULT_SIZE, DEFAULT_MIN_SIZE = 3, 1
 
 
@@ -59,6 +60,18 @@ def _check_pool(client: Client, ceph_pool: str, settings: dict[str, str]) -> Non
         raise BackendError(f"ceph pool {ceph_pool!r} did not take its settings: "
                            + ", ".join(f"{k} is {h!r}, not {w!r}" for k, (w, h) in wrong.items()))
 
+
+def mapped_device(pool: str, image: str, sysfs: Path = SYS_RBD) -> str | None:
+    """The /dev/rbdN mapping the head (no snapshot, default namespace) of `pool/image`, if krbd maps it."""
+    for dev in sorted(sysfs.glob("[0-9]*")) if sysfs.exists() else []:
+        try:
+            fields = {f: (dev / f).read_text().strip() for f in ("pool", "name", "current_snap")}
+            ns = (dev / "pool_ns").read_text().strip() if (dev / "pool_ns").exists() else ""
+        except OSError:  # unmapped meanwhile
+            continue
+        if (fields["pool"], fields["name"], fields["current_snap"], ns) == (pool, image, "-", ""):
+            return f"/dev/rbd{dev.name}"
+    return None
 
 class RbdBackend(Backend):
     kind = "rbd"
@@ -222,13 +235,9 @@ class RbdBackend(Backend):
 
     # ------------------------------------------------------------------ mapping (krbd)
     def _mapped(self, vol: Record) -> str | None:
-        if not Path("/sys/bus/rbd").exists():
-            return None
-        for dev in self.client.rbd_json("device", "list") or []:
-            if dev["pool"] == self.ceph_pool and dev["name"] == vol["name"] and dev.get("snap", "-") == "-" \
-                    and not dev.get("namespace"):
-                return dev["device"]
-        return None
+        """krbd's own record of what it maps (`rbd device list` reads the same files): no CLI start-up, which
+        costs seconds on a loaded or emulated host and ran several times per attach."""
+        return mapped_device(self.ceph_pool, vol["name"])
 
     def _activate(self, vol: Record) -> None:
         if self._mapped(vol):

@@ -149,9 +149,12 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
     """nvmetctl on an rbd pool: create, show copies, attach over tcp, snapshot, clone, live grow, delete-then-zeros,
     quota refused, an encrypted disk unreadable on the raw RBD device; the keyring secret in no answer or log."""
     answers: list[str] = []
+    took: list[tuple[float, str]] = []
 
     def ctl(*args: str) -> dict:
+        t0 = time.monotonic()
         proc = daemon.ctl("--json", *args)
+        took.append((time.monotonic() - t0, " ".join(args[:3])))
         answers.append(proc.stdout + proc.stderr)
         return json.loads(proc.stdout)
 
@@ -221,6 +224,8 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
         answers += [daemon.ctl("--json", "status").stdout, daemon.ctl("--json", "diff", check=False).stdout,
                     daemon.request("GET", "/v1/disks").text, daemon.request("GET", "/v1/status").text]
     finally:
+        print(f"\nnvmetctl calls: {len(took)}, {sum(t for t, _ in took):.0f} s; slowest: "
+              + ", ".join(f"{what} {t:.1f} s" for t, what in sorted(took, reverse=True)[:8]))
         if "att" in locals():
             hostside.disconnect(att["subsystem_nqn"])
         for disk in ("vm1-secret", "vm1-rem", "vm1-clone", "vm1-root"):
@@ -307,17 +312,30 @@ def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
     stopped, its tree taken down by hand, nvme_core reloaded, nvmetd started (it restores its tree from its state,
     both ports and their ANA groups); and the same back to the rig's multipath=N after."""
     before = multipath_host.multipath()
+    t0 = time.monotonic()
+
+    def step(what: str) -> None:
+        nonlocal t0
+        print(f"{what}: {time.monotonic() - t0:.1f} s")
+        t0 = time.monotonic()
+
     daemon.stop()
     wipe()
+    step("\nnvmetd stopped, tree down")
     multipath_host.reload_nvme_core(True)
+    step("nvme_core reloaded with multipath=Y")
     daemon.start(deadline=900)
+    step("nvmetd restored its tree")
     try:
         yield
     finally:
+        step("failover")
         daemon.stop()
         wipe()
         multipath_host.reload_nvme_core(before)
+        step("nvme_core back to multipath=N")
         daemon.start(deadline=900)
+        step("nvmetd restored again")
 
 
 @pytest.mark.long
