@@ -73,6 +73,7 @@ def mapped_device(pool: str, image: str, sysfs: Path = SYS_RBD) -> str | None:
             return f"/dev/rbd{dev.name}"
     return None
 
+
 class RbdBackend(Backend):
     kind = "rbd"
     compressions = COMPRESSIONS
