@@ -23,8 +23,9 @@ volume's compression is the pool's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from backends import names
 from backends.base import Backend, Record
@@ -33,9 +34,10 @@ from backends.errors import BackendError, ToolError
 from backends.model import PoolStatus, VolumeInfo
 from backends.run import run
 
-FEATURES = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
+FEATURES = ("LAYERING", "EXCLUSIVE_LOCK", "OBJECT_MAP", "FAST_DIFF", "DEEP_FLATTEN")  # librbd's RBD_FEATURE_*
 COMPRESSIONS = ("off", "lz4", "snappy", "zlib", "zstd")
 FAILURE_DOMAINS = ("osd", "host", "chassis", "rack", "row", "pdu", "pod", "room", "datacenter", "zone", "region")
+_T = TypeVar("_T")
 SYS_RBD = Path("/sys/bus/rbd/devices")
 DEFAULT_SIZE, DEFAULT_MIN_SIZE = 3, 1
 
@@ -46,9 +48,16 @@ def _pos_int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+def _features(rbd: Any) -> int:
+    bits = 0
+    for name in FEATURES:
+        bits |= getattr(rbd, f"RBD_FEATURE_{name}")
+    return bits
+
+
 def _check_pool(client: Client, ceph_pool: str, settings: dict[str, str]) -> None:
-    """Read the new pool back: the batch that made it reports no per-command status."""
-    found = [p for p in client.ceph_json("osd", "pool", "ls", "detail") if p.get("pool_name") == ceph_pool]
+    """Read the new pool back: a monitor accepts a setting it then adjusts (pg counts, a size past the OSDs)."""
+    found = [p for p in client.command("osd pool ls", detail="detail") if p.get("pool_name") == ceph_pool]
     if not found:
         raise BackendError(f"ceph pool {ceph_pool!r} was not created (see the monitor's log)")
     pool = found[0]
@@ -72,6 +81,10 @@ def mapped_device(pool: str, image: str, sysfs: Path = SYS_RBD) -> str | None:
         if (fields["pool"], fields["name"], fields["current_snap"], ns) == (pool, image, "-", ""):
             return f"/dev/rbd{dev.name}"
     return None
+
+
+def _remove(client: Client, ceph_pool: str) -> None:
+    client.command("osd pool rm", pool=ceph_pool, pool2=ceph_pool, yes_i_really_really_mean_it=True)
 
 
 class RbdBackend(Backend):
@@ -112,15 +125,17 @@ class RbdBackend(Backend):
         settings = {"size": str(size), "min_size": str(min_size), "pg_autoscale_mode": "off"}
         if compression != "off":
             settings |= {"compression_mode": "aggressive", "compression_algorithm": compression}
+        client.command("osd crush rule create-replicated", name=rule, root="default", type=domain)
         try:
-            client.ceph_batch([["osd", "crush", "rule", "create-replicated", rule, "default", domain],
-                               ["osd", "pool", "create", ceph_pool, str(pg_num), str(pg_num), "replicated", rule],
-                               *(["osd", "pool", "set", ceph_pool, k, v] for k, v in settings.items()),
-                               ["osd", "pool", "application", "enable", ceph_pool, "rbd"]])
+            client.command("osd pool create", pool=ceph_pool, pg_num=pg_num, pgp_num=pg_num,
+                           pool_type="replicated", rule=rule)
+            for var, val in settings.items():
+                client.command("osd pool set", pool=ceph_pool, var=var, val=val)
+            client.command("osd pool application enable", pool=ceph_pool, app="rbd")
             _check_pool(client, ceph_pool, settings)
         except BackendError:
-            if ceph_pool in client.ceph_json("osd", "pool", "ls"):
-                client.ceph("osd", "pool", "rm", ceph_pool, ceph_pool, "--yes-i-really-really-mean-it")
+            if ceph_pool in client.command("osd pool ls"):
+                _remove(client, ceph_pool)
             raise
         return {"conf": client.conf, "keyring": client.keyring, "user": client.user, "connect_timeout": timeout,
                 "ceph_pool": ceph_pool,
@@ -136,10 +151,10 @@ class RbdBackend(Backend):
         return self.config["ceph_pool"]
 
     def remove_pool(self) -> None:
-        self.client.ceph("osd", "pool", "rm", self.ceph_pool, self.ceph_pool, "--yes-i-really-really-mean-it")
+        _remove(self.client, self.ceph_pool)
 
     def _df(self) -> dict[str, Any]:
-        for pool in self.client.ceph_json("df", "detail")["pools"]:
+        for pool in self.client.command("df", detail="detail")["pools"]:
             if pool["name"] == self.ceph_pool:
                 return pool["stats"]
         raise BackendError(f"ceph pool {self.ceph_pool!r} is gone from the cluster")
@@ -150,7 +165,7 @@ class RbdBackend(Backend):
         return stored + avail, stored, 100.0 * float(stats["percent_used"])
 
     def _pgs(self) -> list[dict[str, Any]]:
-        doc = self.client.ceph_json("pg", "ls-by-pool", self.ceph_pool)
+        doc = self.client.command("pg ls-by-pool", poolstr=self.ceph_pool)
         return doc.get("pg_stats", []) if isinstance(doc, dict) else doc
 
     def copies(self) -> int:
@@ -175,26 +190,35 @@ class RbdBackend(Backend):
             raise BackendError(f"rbd pool {self.name!r} compresses with {self.config['compression']!r} (BlueStore "
                                f"compresses the whole Ceph pool); a volume on it cannot have {compression!r}")
 
-    # ------------------------------------------------------------------ images
+    # ------------------------------------------------------------------ images (librbd)
     def _image(self, vol: Record | str) -> str:
         return f"{self.ceph_pool}/{vol if isinstance(vol, str) else vol['name']}"
 
+    def _rbd(self, what: str, call: Callable[[Any, Any], _T]) -> _T:
+        return self.client.images(what, self.ceph_pool, call)
+
+    def _on_image(self, vol: Record, what: str, call: Callable[[Any], _T], read_only: bool = False) -> _T:
+        """`call(image)` on the volume's image, opened for the call and closed after it."""
+        def opened(rbd: Any, ctx: Any) -> _T:
+            with rbd.Image(ctx, vol["name"], read_only=read_only) as image:
+                return call(image)
+        return self._rbd(f"{what} {self._image(vol)}", opened)
+
     def _exists(self, vol: Record) -> bool:
-        return vol["name"] in (self.client.rbd_json("ls", "--pool", self.ceph_pool) or [])
+        return vol["name"] in self._rbd("ls", lambda rbd, ctx: rbd.RBD().list(ctx))
 
     def _make(self, vol: Record, backing_bytes: int) -> None:
         if not self._exists(vol):
-            self.client.rbd("create", "--size", f"{backing_bytes // names.MIB}M", "--image-feature", FEATURES,
-                            self._image(vol))
+            self._rbd(f"create {self._image(vol)}", lambda rbd, ctx: rbd.RBD().create(
+                ctx, vol["name"], backing_bytes, old_format=False, features=_features(rbd)))
 
     def _destroy(self, vol: Record) -> None:
         self._unmap(vol)
         if self._exists(vol):
-            self.client.rbd("rm", "--no-progress", self._image(vol))
+            self._rbd(f"rm {self._image(vol)}", lambda rbd, ctx: rbd.RBD().remove(ctx, vol["name"]))
 
     def _resize(self, vol: Record, backing_bytes: int) -> None:
-        self.client.rbd("resize", "--no-progress", "--allow-shrink", "--size", f"{backing_bytes // names.MIB}M",
-                        self._image(vol))
+        self._on_image(vol, "resize", lambda image: image.resize(backing_bytes, allow_shrink=True))
         dev = self._mapped(vol)
         if dev:
             self._wait_size(dev, backing_bytes)
@@ -211,28 +235,30 @@ class RbdBackend(Backend):
             time.sleep(0.2)
 
     def _snapshot(self, vol: Record, snap: str) -> None:
-        self.client.rbd("snap", "create", "--no-progress", f"{self._image(vol)}@{snap}")
-        # protected: a layered clone may be made from it (clone format 1, which every krbd maps)
-        self.client.rbd("snap", "protect", f"{self._image(vol)}@{snap}")
+        def make(image: Any) -> None:
+            image.create_snap(snap)
+            image.protect_snap(snap)  # a layered clone may be made from it (clone format 1, which every krbd maps)
+        self._on_image(vol, f"snapshot @{snap}", make)
 
     def _snaps(self, vol: Record) -> list[str]:
         if not self._exists(vol):
             return []
-        return [s["name"] for s in self.client.rbd_json("snap", "ls", self._image(vol)) or []]
+        return self._on_image(vol, "snapshots", lambda image: [s["name"] for s in image.list_snaps()], read_only=True)
 
     def _destroy_snapshot(self, vol: Record, snap: str) -> None:
-        if snap not in self._snaps(vol):
-            return
-        spec = f"{self._image(vol)}@{snap}"
-        info = self.client.rbd_json("info", spec)
-        if info.get("protected") in ("true", True):
-            self.client.rbd("snap", "unprotect", spec)
-        self.client.rbd("snap", "rm", "--no-progress", spec)
+        def remove(image: Any) -> None:
+            if snap not in [s["name"] for s in image.list_snaps()]:
+                return
+            if image.is_protected_snap(snap):
+                image.unprotect_snap(snap)
+            image.remove_snap(snap)
+        if self._exists(vol):
+            self._on_image(vol, f"remove @{snap}", remove)
 
     def _clone(self, origin: Record, snap: str, vol: Record) -> None:
         if not self._exists(vol):
-            self.client.rbd("clone", "--image-feature", FEATURES, f"{self._image(origin)}@{snap}",
-                            self._image(vol))
+            self._rbd(f"clone {self._image(origin)}@{snap}", lambda rbd, ctx: rbd.RBD().clone(
+                ctx, origin["name"], snap, ctx, vol["name"], features=_features(rbd)))
 
     # ------------------------------------------------------------------ mapping (krbd)
     def _mapped(self, vol: Record) -> str | None:
@@ -243,9 +269,11 @@ class RbdBackend(Backend):
     def _activate(self, vol: Record) -> None:
         if self._mapped(vol):
             return
-        watchers = self.client.rbd_json("status", self._image(vol)).get("watchers", [])
+        ours = self.client.instance_id()  # our own open of the header, to ask, is a watcher too
+        listed = self._on_image(vol, "watchers", lambda image: list(image.watchers_list()), read_only=True)
+        watchers = [w for w in listed if int(w.get("id", -1)) != ours]
         if watchers:
-            who = ", ".join(f"client.{w.get('client')} at {w.get('address')}" for w in watchers)
+            who = ", ".join(f"client.{w.get('id')} at {w.get('addr')}" for w in watchers)
             raise BackendError(f"rbd image {self._image(vol)} is open elsewhere ({who}): another host has it "
                                "attached; detach it there first (the exclusive lock is handed over on attach)")
         if not Path("/sys/bus/rbd").exists():
@@ -296,11 +324,16 @@ class RbdBackend(Backend):
             raise BackendError(f"{self._image(vol)} is still in use (an nvmet namespace?): {exc}") from None
 
     def _usage(self, vol: Record) -> tuple[int, float]:
+        """Bytes the image has written (what `rbd du` reports: whole objects from the object map, fast-diff)."""
+        def used(image: Any) -> int:
+            extents: list[int] = []
+            image.diff_iterate(0, image.size(), None, lambda _off, length, exists: extents.append(length * exists),
+                               include_parent=False, whole_object=True)
+            return sum(extents)
         try:
-            du = self.client.rbd_json("du", self._image(vol))
+            written = self._on_image(vol, "du", used, read_only=True)
         except ToolError:
             return 0, 1.0
-        used = sum(int(i.get("used_size", 0)) for i in du.get("images", []) if not i.get("snapshot"))
         stats = self._df()
         packed, raw = int(stats.get("compress_bytes_used", 0)), int(stats.get("compress_under_bytes", 0))
-        return used, (raw / packed) if packed else 1.0
+        return written, (raw / packed) if packed else 1.0

@@ -15,7 +15,6 @@ the waits poll.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -26,10 +25,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from backends.ceph_session import binding
+from backends.errors import UnavailableError
+
 OSDS = 3
 MON_ADDR = "127.0.0.1"
 MGR_MODULES = Path("/usr/share/ceph/mgr")
-DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")  # python3-rados (a dependency of ceph-common)
 
 
 class CommandError(Exception):
@@ -37,16 +38,11 @@ class CommandError(Exception):
 
 
 def _rados() -> Any:
-    """Debian's python3-rados, built for the system Python 3.11 (the venv's is 3.11 too): loaded by its path,
-    alone, so nothing else of the system's dist-packages shadows the venv."""
-    found = sorted(DIST_PACKAGES.glob("rados.cpython-*.so"))
-    if not found:
-        raise CommandError(f"python3-rados is not installed (no rados module in {DIST_PACKAGES})")
-    spec = importlib.util.spec_from_file_location("rados", found[0])
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    try:
+        return binding("rados")
+    except UnavailableError as exc:
+        raise CommandError(str(exc)) from None
+
 
 CONF = """[global]
 fsid = {fsid}

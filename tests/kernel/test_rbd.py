@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from backends import Backend, create_pool, destroy_pool
+from backends.ceph import redundancy
 from backends.pools import list_pools
 from nvmetd.vms import Ports
 from target.apply import apply_state
@@ -107,12 +108,14 @@ def test_io_continues_with_two_of_three_osds_down(ceph: Cluster, pool: Backend, 
     ceph.wait_osds_up(1, timeout=120)
     # the manager's PG statistics follow the OSD map a moment later: waited for over the harness's librados
     # connection (each pool.info / status is several CLI start-ups under TCG), then asked of nvmetd's backend once
-    ceph.wait_pgs(lambda states: bool(states) and "active+clean" not in states, "every PG to lose its clean state", 180)
-    during, redundancy = pool.info("out-tcp"), pool.status().redundancy
+    # peering first (no PG active, "unavailable"), then every PG active on its one copy
+    ceph.wait_pgs(lambda states: redundancy(list(states)) in ("degraded", "recovering"),
+                  "every PG active and degraded", 180)
+    during, word = pool.info("out-tcp"), pool.status().redundancy
     print(f"\ntwo OSDs down after {time.monotonic() - t_down:.1f} s: disk copies {during.copies}/"
-          f"{during.copies_wanted}, pool {redundancy}")
+          f"{during.copies_wanted}, pool {word}")
     assert (during.copies, during.copies_wanted) == (1, 3)
-    assert redundancy in ("degraded", "recovering")
+    assert word in ("degraded", "recovering")
     time.sleep(10)
     running = sorted(t for t, job in jobs.items() if job.poll() is None)
     print(f"OSDs return {time.monotonic() - t_down:.0f} s after the stop; fio still writing on {running or 'none'}")
