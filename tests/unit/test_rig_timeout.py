@@ -21,8 +21,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # a zombie is dead for our purpose (killed, not yet reaped by its orphaned parent)
-    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    # a zombie is dead for our purpose (killed, not yet reaped by its orphaned parent); reaped meanwhile: gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_timeout_kills_the_group_and_names_the_running_test(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
