@@ -20,7 +20,7 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	scripts/test
 
-# the kernel tests outside make test (the Ceph cluster; claims that do not hold yet, each marked with why), one boot
+# the kernel tests outside make test (claims that do not hold yet, each marked with why), one boot
 test-long: $(STAMP)
 	.venv/bin/python -m rig --timeout 7200 -- .venv/bin/python -m pytest -m "kernel and long" -p no:cacheprovider --durations=15
 

@@ -34,9 +34,10 @@ def ceph(nvmet_kernel: ConfigFS) -> Iterator[Cluster]:
         yield cluster
     finally:
         wipe()
-        subprocess.run(["rbd", "device", "list"], check=False)  # shows what a failed test left mapped
+        rbd = ["rbd", "-c", str(cluster.conf), "device"]
+        subprocess.run([*rbd, "list"], check=False)  # shows what a failed test left mapped
         for dev in sorted(Path("/dev").glob("rbd[0-9]*")):
-            subprocess.run(["rbd", "device", "unmap", "-o", "force", str(dev)], check=False, capture_output=True)
+            subprocess.run([*rbd, "unmap", "-o", "force", str(dev)], check=False, capture_output=True)
         cluster.stop()
         loops.close()
         subprocess.run(["rm", "-rf", str(base)], check=False)

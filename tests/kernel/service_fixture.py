@@ -57,6 +57,18 @@ class Daemon:
                 time.sleep(0.2)
         raise AssertionError(f"nvmetd did not answer within {limit:g} s: {logfile.read_text()}")
 
+    def wait_converged(self, timeout: float = 600.0) -> dict:
+        """The start-up restore runs beside the API, which answers first: its result, once there (converged, or
+        the assertion says what is not). The bound only stops a hung restore."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.request("GET", "/v1/status").json()
+            if status["reconcile"] is not None:
+                assert status["reconcile"]["converged"], status["reconcile"]
+                return status
+            assert time.monotonic() < deadline, f"nvmetd's start-up restore did not finish within {timeout:g} s"
+            time.sleep(0.5)
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

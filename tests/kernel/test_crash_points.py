@@ -38,7 +38,7 @@ def test_every_crash_step_converges_after_restart(cfs: ConfigFS, scratch: Path) 
     d = Daemon(scratch)
     try:
         d.start()
-        status = wait_converged(d)
+        status = d.wait_converged()
         assert status["generation"] == generation, "start-up changed the state after the crash-free boot"
         assert contention.kernel_vs_store(StateStore(scratch / "state.json"), cfs, scratch / "pools") == []
         assert "Traceback" not in d.log_text()
@@ -48,15 +48,3 @@ def test_every_crash_step_converges_after_restart(cfs: ConfigFS, scratch: Path) 
             hostside.disconnect(sub)
 
 
-def wait_converged(d: Daemon) -> dict:
-    """The daemon's start-up reconcile runs beside the API: wait for its result (bounded only against a hang)."""
-    import time
-
-    deadline = time.monotonic() + 600
-    while True:
-        status = d.request("GET", "/v1/status").json()
-        if status["reconcile"] is not None:
-            assert status["reconcile"]["converged"], status["reconcile"]
-            return status
-        assert time.monotonic() < deadline, "nvmetd's start-up reconcile never finished"
-        time.sleep(0.5)

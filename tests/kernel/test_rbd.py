@@ -32,7 +32,7 @@ from tests.kernel.ceph_cluster import OSDS, Cluster
 from tests.kernel.multipath_host import head_device
 from tests.kernel.service_fixture import Daemon
 
-pytestmark = [pytest.mark.kernel, pytest.mark.long]
+pytestmark = pytest.mark.kernel
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:6c1e2a3b-4d5e-4f60-8172-93a4b5c6d7e8"
 SUB_TCP, SUB_LOOP = "nqn.2026-11.io.nvmetd:rbd-tcp", "nqn.2026-11.io.nvmetd:rbd-loop"
@@ -328,6 +328,7 @@ def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
     multipath_host.reload_nvme_core(True)
     step("nvme_core reloaded with multipath=Y")
     daemon.start(deadline=900)
+    daemon.wait_converged()
     step("nvmetd restored its tree")
     try:
         yield
@@ -338,10 +339,10 @@ def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
         multipath_host.reload_nvme_core(before)
         step("nvme_core back to multipath=N")
         daemon.start(deadline=900)
+        daemon.wait_converged()
         step("nvmetd restored again")
 
 
-@pytest.mark.long
 def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Backend, cfs: ConfigFS,
                                                         daemon: Daemon) -> None:
     """`attach --multipath`: the VM's subsystem on two tcp ports, ANA optimized and non-optimized. A host with
