@@ -3,7 +3,7 @@ STAMP := .venv/.setup-done
 # `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
 DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls bench-limits bench-offload lint clean
+.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls bench-limits bench-offload bench-rbd lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
@@ -65,6 +65,10 @@ bench-attach: $(STAMP)
 BENCH_OFFLOAD_ARGS ?=
 bench-offload: $(STAMP)
 	.venv/bin/python -m rig -- .venv/bin/python -m bench.offload $(BENCH_OFFLOAD_ARGS)
+
+# an RBD image exported through nvmet (loop, tcp) vs the raw krbd device vs a local zvol; 4k writes in a 2-OSD outage
+bench-rbd: $(STAMP)
+	.venv/bin/python -m rig --memory 4G -- .venv/bin/python -m bench.rbd
 
 # nvmetctl start-up and an attach round trip with 1,000 VMs on a fake configfs tree (host, no kernel)
 bench-cli: $(STAMP)

@@ -205,7 +205,15 @@ class RbdBackend(Backend):
         return self._rbd(f"{what} {self._image(vol)}", opened)
 
     def _exists(self, vol: Record) -> bool:
-        return vol["name"] in self._rbd("ls", lambda rbd, ctx: rbd.RBD().list(ctx))
+        """Opening the one image (read-only: no lock, a mapped image opens too) rather than listing the pool, whose
+        directory grows with every disk and was read at each create, delete and snapshot."""
+        def probe(rbd: Any, ctx: Any) -> bool:
+            try:
+                rbd.Image(ctx, vol["name"], read_only=True).close()
+            except rbd.ImageNotFound:
+                return False
+            return True
+        return self._rbd(f"look up {self._image(vol)}", probe)
 
     def _make(self, vol: Record, backing_bytes: int) -> None:
         if not self._exists(vol):

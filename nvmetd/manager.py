@@ -306,10 +306,10 @@ class Manager:
             entry = state_doc.disk(doc, disk)
             if entry is not None and entry.ready:
                 pool = self._pool(entry.pool)
-                info = pool.info(disk)
-                if info.attached:
-                    if "limits" in _disk_row(doc, disk) and info.device_path:
-                        throttle.release(info.device_path)  # its loop device or rules: before closing it
+                path = pool.opened(disk)
+                if path:
+                    if "limits" in _disk_row(doc, disk):
+                        throttle.release(path)  # its loop device or rules: before closing it
                     pool.detach(disk)
 
     def _release_detached(self, doc: dict[str, Any]) -> None:
@@ -322,10 +322,10 @@ class Manager:
         for name, disks in by_pool.items():
             pool = self._pool(name)
             ledger = pool.ledger.load()
-            still_open = {d: info for d in disks if (info := pool.info(d, ledger)).attached}
-            for disk, info in still_open.items():
-                if "limits" in _disk_row(doc, disk) and info.device_path:
-                    throttle.release(info.device_path)  # its loop device or rules: before closing it
+            still_open = {d: path for d in disks if (path := pool.opened(d, ledger))}
+            for disk, path in still_open.items():
+                if "limits" in _disk_row(doc, disk):
+                    throttle.release(path)  # its loop device or rules: before closing it
             pool.detach_many(list(still_open))
 
     # ------------------------------------------------------------------ target
@@ -420,7 +420,7 @@ class Manager:
         self._device_paths.pop(name, None)
         backend = self._pool(pool)
         if name in set(backend.volumes()):
-            if backend.info(name).attached:
+            if backend.opened(name):
                 backend.detach(name)
             backend.delete(name)
         crash_point("delete.after_volume")

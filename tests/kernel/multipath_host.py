@@ -8,6 +8,7 @@ uses nvme_core) with its transports and nvmet-vhost. So the nvmet tree must be e
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -44,12 +45,28 @@ def reload_nvme_core(native: bool) -> None:
     subprocess.run(["nvme", "disconnect-all"], capture_output=True, check=False)
     stack = holders_first("nvme_core") if (SYS_MODULE / "nvme_core").exists() else ["nvme_core"]
     proc = subprocess.run(["modprobe", "-r", *stack], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"cannot unload {stack}: {proc.stderr.strip()}"
+    assert proc.returncode == 0, f"cannot unload {stack}: {proc.stderr.strip()} ({_holders(stack)})"
     subprocess.run(["modprobe", "nvme_core", f"multipath={'Y' if native else 'N'}"], check=True, timeout=120)
     again = [m for m in stack if m != "nvme_core"]
     subprocess.run(["modprobe", "-a", *again, "nvme_fabrics", "nvme_tcp", "nvme_loop"], check=True, timeout=300)
     subprocess.run(["udevadm", "settle", "--timeout", "60"], check=False)
     assert multipath() == native
+
+
+def _holders(modules: list[str]) -> str:
+    """What pins the stack: each module's use count, and the processes holding a device file open (an open
+    /dev/vhost-nvme holds nvmet-vhost)."""
+    counts = {m: (SYS_MODULE / m / "refcnt").read_text().strip() for m in modules
+              if (SYS_MODULE / m / "refcnt").exists()}
+    opened = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(("/dev/vhost-nvme", "/dev/nvme")):
+            opened.add(f"pid {fd.parts[2]}: {target}")
+    return f"use counts {counts}; open: {sorted(opened) or 'none'}"
 
 
 @contextmanager

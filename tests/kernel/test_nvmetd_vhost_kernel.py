@@ -6,6 +6,7 @@ with what attach returned.  One daemon for the module; the tests run in file ord
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -79,6 +80,14 @@ def _guest(att: dict) -> GuestDriver:
     assert g.set_num_queues(2).status == 0
     g.create_io_queue(1, size=64)
     return g
+
+
+def _open_vhost_files() -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the directory's own fd, gone by now
+            count += os.readlink(fd) == "/dev/vhost-nvme"
+    return count
 
 
 def _checksummed(g: GuestDriver, nsid: int, rng: random.Random, blocks: int) -> dict[int, int]:
@@ -165,6 +174,8 @@ def test_a_vm_cannot_bind_another_vms_subsystem(daemon: Daemon, vk) -> None:
         with pytest.raises(OSError) as exc:
             GuestDriver(channel=KernelChannel(), bind=(other["subsystem_nqn"], host))
         assert exc.value.errno == errno.EACCES
+    # a refused bind closes its /dev/vhost-nvme (an open one pins nvmet-vhost: nothing could unload it later)
+    assert _open_vhost_files() == 1, "a refused bind left /dev/vhost-nvme open"
     # and a fabrics disk cannot join a kernel-vhost VM (its host NQN has no key)
     resp = daemon.request("PUT", "/v1/vms/vb/disks/k2", {"transport": "tcp"})
     assert resp.status_code == 400 and "DH-CHAP" in resp.text, resp.text

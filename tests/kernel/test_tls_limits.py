@@ -228,7 +228,7 @@ def _wait_for_io(device: str | Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.1)
 
 
-def neighbour_rates(free: str | Path, hammer: subprocess.Popen[bytes], phases: int = 8,
+def neighbour_rates(free: str | Path, hammer: subprocess.Popen[bytes], phases: int = 12,
                     seconds: float = 3.0) -> tuple[list[float], list[float]]:
     """The neighbour's read IOPS while the hammer runs and while it is paused (SIGSTOP), in alternating phases
     of one long fio job: (on, off). Counted from the device's own completions (/sys/block/*/stat), so fio's
@@ -332,10 +332,12 @@ def test_limits_on_running_disks_loop_and_tcp(daemon: Daemon, world: World, nvme
     _limits(daemon, "lim", riops=max(20, int(solo * 0.05)))
     with hammering(world.lim, cpu=1) as hammer:
         beside, alone = neighbour_rates(world.free, hammer)
-    ratio = statistics.median(beside) / statistics.median(alone)
+    # each phase beside the hammer against the paused phase right after it: the shared host's load drifts by
+    # more than the claim between phases a minute apart (a CI run: alone 19-35K IOPS, medians of 4 at 0.77)
+    ratio = statistics.median(b / a for b, a in zip(beside, alone, strict=True))
     print(f"neighbour: alone {[round(x) for x in alone]} IOPS, beside the hammer {[round(x) for x in beside]} "
-          f"IOPS, ratio {ratio:.2f}")
-    assert within(statistics.median(beside), statistics.median(alone), 0.20), (beside, alone)
+          f"IOPS, median paired ratio {ratio:.2f}")
+    assert within(ratio, 1.0, 0.20), (beside, alone)
     _limits(daemon, "lim", riops=riops)
 
     # raised on the running disk, no reconnect (same device node)

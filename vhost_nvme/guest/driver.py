@@ -118,6 +118,15 @@ class GuestDriver:
         self.call: dict[int, int] = {}
         self.queues: dict[int, IoQueue] = {}
         self.dbbuf: tuple[int, int] | None = None
+        try:
+            self._bring_up(bind)
+        except BaseException:
+            # a refused bind must not leave the channel open: an open /dev/vhost-nvme pins the nvmet-vhost module
+            # (and the engine's session) until this process exits
+            self.close()
+            raise
+
+    def _bring_up(self, bind: tuple[str, str] | None) -> None:
         info = self.call_engine(p.Req.GET_INFO)
         (self.version, self.max_ns, self.features, self.max_ioq, self.mqes, self.max_vectors,
          self.mdts, _) = p.INFO.unpack(info)
@@ -164,7 +173,8 @@ class GuestDriver:
             return
         self._closed = True
         self.channel.close()
-        for fd in [*self.kick, *self.call.values(), self.mirror_fd]:
+        mirror = getattr(self, "mirror_fd", None)
+        for fd in [*self.kick, *self.call.values(), *([] if mirror is None else [mirror])]:
             os.close(fd)
 
     # ---- controller bring-up ---------------------------------------------------------------------
