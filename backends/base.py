@@ -447,12 +447,12 @@ class Backend(ABC):
             vol = self._get(self.ledger.load(), name)
         if not vol["attached"]:
             raise BackendError(f"volume {name!r} is not attached: attach it first")
-        return self._path(vol)
+        return self._volume_path(vol)
 
     def open_path(self, name: str) -> str:
         """The path `attach` returns, computed without opening anything: what read-only callers (diff, status,
         export) put in the desired tree, so that printing it never activates a volume or opens a LUKS mapping."""
-        return self._path(self._get(self.ledger.load(), name))
+        return self._volume_path(self._get(self.ledger.load(), name))
 
     def opened(self, name: str, doc: dict[str, Any] | None = None) -> str | None:
         """The device path of an attached (open) volume, None if it is closed: the ledger alone answers, for
@@ -461,9 +461,9 @@ class Backend(ABC):
         vol = peek(self.ledger.load() if doc is None else doc, "volumes", name)
         if vol is None:
             raise NotFoundError(f"{self.kind} pool {self.name!r} has no volume {name!r}")
-        return self._path(vol) if vol["attached"] else None
+        return self._volume_path(vol) if vol["attached"] else None
 
-    def _path(self, vol: Record) -> str:
+    def _volume_path(self, vol: Record) -> str:
         return str(luks.MAPPER / self.mapname(vol["name"])) if self._luks(vol) else self._raw_device(vol)
 
     # ------------------------------------------------------------------ reporting and quotas
@@ -477,7 +477,7 @@ class Backend(ABC):
 
     def _info(self, vol: Record) -> VolumeInfo:
         allocated, ratio = self._usage(vol)
-        path = self._path(vol) if vol["attached"] else None
+        path = self._volume_path(vol) if vol["attached"] else None
         return VolumeInfo(name=vol["name"], tenant=vol["tenant"], logical_bytes=vol["size"],
                           allocated_bytes=allocated, compression_ratio=round(ratio, 2), thin=vol["thin"],
                           encrypted=vol["encrypted"], compression=vol["compression"], origin=vol["origin"],
