@@ -458,10 +458,15 @@ class Backend(ABC):
         """The device path of an attached (open) volume, None if it is closed: the ledger alone answers, for
         callers that only decide whether to close it (`info` also measures usage: Ceph round trips per RBD image,
         for every detached disk at every reconcile)."""
-        vol = peek(self.ledger.load() if doc is None else doc, "volumes", name)
+        vol = self._peek(self.ledger.load() if doc is None else doc, name)
+        return self._volume_path(vol) if vol["attached"] else None
+
+    def _peek(self, doc: dict[str, Any], name: str) -> Record:
+        """A volume's record, to read: through `peek`, so the pool's other volumes are not copied to read one."""
+        vol = peek(doc, "volumes", name)
         if vol is None:
             raise NotFoundError(f"{self.kind} pool {self.name!r} has no volume {name!r}")
-        return self._volume_path(vol) if vol["attached"] else None
+        return vol
 
     def _volume_path(self, vol: Record) -> str:
         return str(luks.MAPPER / self.mapname(vol["name"])) if self._luks(vol) else self._raw_device(vol)
@@ -470,10 +475,7 @@ class Backend(ABC):
     def info(self, name: str, doc: dict[str, Any] | None = None) -> VolumeInfo:
         if doc is None:
             doc = self.ledger.load()
-        vol = peek(doc, "volumes", name)  # read only: the pool's other volumes are not copied to read one
-        if vol is None:
-            raise NotFoundError(f"{self.kind} pool {self.name!r} has no volume {name!r}")
-        return self._info(vol)
+        return self._info(self._peek(doc, name))
 
     def _info(self, vol: Record) -> VolumeInfo:
         allocated, ratio = self._usage(vol)
