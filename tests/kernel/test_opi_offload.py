@@ -157,7 +157,8 @@ def test_offload_vm_disk_through_software_dpu(opi_world: OpiWorld, cfs: ConfigFS
             print("\noffload, one kernel serving host and DPU (host figure = upper bound, see cpu_split.py):")
             for line in cost.lines():
                 print("  " + line)
-        assert cost.ios == ios and min(cost.total, cost.dpu, cost.guest, cost.host) >= 0
+        # the guest drove the job and the DPU's engine served it: both show up in their own share
+        assert cost.ios == ios and cost.guest > 0 and cost.dpu > 0 and cost.total >= cost.guest + cost.dpu
 
         # the DPU's stats, read by pydpu: once flushed, the remote controller's counters saw every block written
         guest.flush()

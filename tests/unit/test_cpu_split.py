@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nvmetd.opi import cpu_split
-from nvmetd.opi.cpu_split import Sample
+from nvmetd.opi.cpu_split import Sample, Thread
 
 
 @pytest.mark.parametrize(("comm", "group"), [
@@ -22,14 +22,22 @@ def test_kernel_threads_group_by_name(comm: str, group: str) -> None:
 
 
 def test_split_takes_guest_and_dpu_out_of_the_total() -> None:
-    # thread 7 ran 1,000 us and was renamed by its new work; 8 was idle; 9 is new
-    before = Sample(busy=1_000, dpu=100, guest=50, kthreads={"7": ("kworker/1:*-events", 10), "8": ("x", 5)})
-    after = Sample(busy=11_000, dpu=4_100, guest=2_050,
-                   kthreads={"7": ("kworker/1:*H-nvme_tcp_wq", 1_010), "8": ("x", 5), "9": ("x", 200)})
+    # 7 ran 1,000 us and was renamed by its new work; 8 was idle; 9 is new; 3 (a guest thread) and 4 exited
+    before = Sample({"1": Thread("guest", "python3", 40), "3": Thread("guest", "grpc", 5_000),
+                     "2": Thread("dpu", "nvmetd", 100), "7": Thread("kthread", "kworker/1:*-events", 10),
+                     "8": Thread("kthread", "x", 5), "4": Thread("other", "sh", 9_000)})
+    after = Sample({"1": Thread("guest", "python3", 2_040), "2": Thread("dpu", "nvmetd", 4_100),
+                    "7": Thread("kthread", "kworker/1:*H-nvme_tcp_wq", 1_010), "8": Thread("kthread", "x", 5),
+                    "9": Thread("kthread", "x", 200), "5": Thread("other", "sh", 800)})
     s = cpu_split.split(before, after, ios=100)
-    assert (s.total, s.dpu, s.guest, s.host) == (100, 40, 20, 40)
+    assert (s.total, s.dpu, s.guest, s.host) == (80, 40, 20, 20)
     assert s.kthreads == {"kworker/1:*H-nvme_tcp_wq": 10, "x": 2}  # largest first, per thread, by its name now
-    assert "host outside both 40" in s.lines()[0] and "nvme_tcp_wq 10" in s.lines()[1]
+    assert "host outside both 20" in s.lines()[0] and "nvme_tcp_wq 10" in s.lines()[1]
+
+
+def test_a_reused_thread_id_counts_from_zero() -> None:
+    s = cpu_split.split(Sample({"7": Thread("other", "a", 9_000)}), Sample({"7": Thread("other", "b", 300)}), 1)
+    assert s.host == 300
 
 
 def test_samples_from_this_machine_only_grow(tmp_path: Path) -> None:
@@ -52,8 +60,8 @@ def test_samples_from_this_machine_only_grow(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
-    assert b.guest - a.guest > 1000 and b.busy - a.busy >= b.guest - a.guest  # us
-    assert b.dpu >= a.dpu > 0 and b.dpu - a.dpu < b.guest - a.guest
-    assert all(us >= 0 and name for name, us in a.kthreads.values())
-    s = cpu_split.split(a, b, ios=10)
-    assert s.guest > 0 and s.host >= 0 and s.total >= s.guest
+    s = cpu_split.split(a, b, ios=1)
+    assert s.guest > 1000 and s.total >= s.guest + s.dpu  # us
+    assert 0 <= s.dpu < s.guest and any(t.role == "dpu" and t.name for t in a.threads.values())
+    assert all(t.us >= 0 and t.name for t in a.threads.values())
+    assert {t.role for t in b.threads.values()} >= {"guest", "dpu"}
