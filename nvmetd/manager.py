@@ -391,16 +391,31 @@ class Manager:
     def disk_info(self, name: str) -> dict[str, Any]:
         doc = self.store.load()
         pool = self._disk_pool(doc, name)
-        info = self._pool(pool).info(name)
+        return self._disk_answer(doc, self._index(doc), pool, self._pool(pool).info(name))
+
+    @staticmethod
+    def _disk_answer(doc: dict[str, Any], index: vm_index.VmIndex, pool: str, info: Any) -> dict[str, Any]:
         data = info.to_dict() if hasattr(info, "to_dict") else dict(info.__dict__)
         data["pool"] = pool
-        data["limits"] = doc["disks"][name].get("limits", {})
-        data["attached_to"] = self._index(doc).disk_users(name)
+        data["limits"] = doc["disks"][info.name].get("limits", {})
+        data["attached_to"] = index.disk_users(info.name)
         return data
 
     def list_disks(self) -> list[dict[str, Any]]:
-        disks = state_doc.disks(self.store.load())
-        return [self.disk_info(n) for n in sorted(disks) if disks[n].ready]
+        """One store read and one listing per pool (a pool's listing asks its pool-wide facts once: for rbd a df
+        and a placement-group listing), not one of each per disk."""
+        doc = self.store.load()
+        disks = state_doc.disks(doc)
+        by_pool: dict[str, list[str]] = {}
+        for name in sorted(disks):
+            if disks[name].ready:
+                by_pool.setdefault(disks[name].pool, []).append(name)
+        index, answers = self._index(doc), []
+        for pool, names in by_pool.items():
+            backend = self._pool(pool)
+            listed = {info.name: info for info in backend.list()}
+            answers += [self._disk_answer(doc, index, pool, listed.get(n) or backend.info(n)) for n in names]
+        return sorted(answers, key=lambda d: d["name"])
 
     @recorded("delete")
     def delete_disk(self, name: str) -> None:

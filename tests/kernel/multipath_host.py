@@ -44,13 +44,39 @@ def reload_nvme_core(native: bool) -> None:
     """nvme_core with multipath=Y (native) or N; what held it is loaded again after."""
     subprocess.run(["nvme", "disconnect-all"], capture_output=True, check=False)
     stack = holders_first("nvme_core") if (SYS_MODULE / "nvme_core").exists() else ["nvme_core"]
-    proc = subprocess.run(["modprobe", "-r", *stack], capture_output=True, text=True, timeout=300, check=False)
+    proc = _modprobe("-r", *stack)
     assert proc.returncode == 0, f"cannot unload {stack}: {proc.stderr.strip()} ({_holders(stack)})"
-    subprocess.run(["modprobe", "nvme_core", f"multipath={'Y' if native else 'N'}"], check=True, timeout=120)
+    _modprobe("nvme_core", f"multipath={'Y' if native else 'N'}", check=True)
     again = [m for m in stack if m != "nvme_core"]
-    subprocess.run(["modprobe", "-a", *again, "nvme_fabrics", "nvme_tcp", "nvme_loop"], check=True, timeout=300)
+    _modprobe("-a", *again, "nvme_fabrics", "nvme_tcp", "nvme_loop", check=True)
     subprocess.run(["udevadm", "settle", "--timeout", "60"], check=False)
     assert multipath() == native
+
+
+def _modprobe(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """modprobe, bounded even when it sleeps uninterruptibly in a module's exit (subprocess.run's timeout kills and
+    then waits for it forever): on timeout the kernel's blocked tasks are dumped (sysrq w) into the assertion."""
+    proc = subprocess.Popen(["modprobe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        Path("/proc/sysrq-trigger").write_text("w")
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+        raise AssertionError(f"modprobe {' '.join(args)} still running after {timeout:g} s (pid {proc.pid}, "
+                             f"{_state(proc.pid)}); blocked tasks:\n{log[-12000:]}") from None
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"modprobe {' '.join(args)}: exit {proc.returncode}: {err.strip()}")
+    return result
+
+
+def _state(pid: int) -> str:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "gone"
+    return f"{next(line for line in status.splitlines() if line.startswith('State:'))}, wchan {wchan}"
 
 
 def _holders(modules: list[str]) -> str:

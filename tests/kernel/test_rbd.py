@@ -175,6 +175,8 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
         ctl("disk", "snapshot", "vm1-root", "s1")  # while attached and written to: krbd hands the lock over
         write_direct(dev, second)
         ctl("disk", "clone", "vm1-root", "s1", "vm1-clone")
+        listed = {d["name"]: (d["copies"], d["origin"]) for d in ctl("disk", "list") if d["name"].startswith("vm1")}
+        assert listed == {"vm1-root": (3, None), "vm1-clone": (3, "vm1-root@s1")}, listed
         clone = ctl("attach", "vm1", "vm1-clone", "--transport", "tcp")
         clone_dev = hostside.namespace_device(att["subsystem_nqn"], clone["nsid"], "tcp")
         assert hostside.direct_read(clone_dev, MIB) == first
@@ -319,7 +321,7 @@ def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
 
     def step(what: str) -> None:
         nonlocal t0
-        print(f"{what}: {time.monotonic() - t0:.1f} s")
+        print(f"{what}: {time.monotonic() - t0:.1f} s", flush=True)
         t0 = time.monotonic()
 
     daemon.stop()
@@ -367,6 +369,7 @@ def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Ba
             seen = multipath_host.paths(nqn)
             assert {svc: p.get("ana_state") for svc, p in seen.items()} == states, seen
             job = fio(head, "multipath", "--size=16M", "--rate=1m")
+            print(f"fio on {head} over {sorted(seen)}", flush=True)
             deadline = time.monotonic() + 120
             while int(multipath_host.paths(nqn)[primary]["ios"]) < 64 and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -377,7 +380,7 @@ def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Ba
             while multipath_host.paths(nqn)[primary]["state"] == "live" and time.monotonic() - t_gone < 60:
                 time.sleep(0.2)
             print(f"\noptimized path {multipath_host.paths(nqn)[primary]['state']} "
-                  f"{time.monotonic() - t_gone:.1f} s after its port went")
+                  f"{time.monotonic() - t_gone:.1f} s after its port went", flush=True)
             result = fio_result(job)
             after = multipath_host.paths(nqn)
             print(f"fio over the multipath head: {result['write']['io_bytes'] >> 20} MiB written and verified, "
