@@ -457,9 +457,10 @@ class Backend(ABC):
     def opened(self, name: str, doc: dict[str, Any] | None = None) -> str | None:
         """The device path of an attached (open) volume, None if it is closed: the ledger alone answers, for
         callers that only decide whether to close it (`info` also measures usage: Ceph round trips per RBD image,
-        for every detached disk at every reconcile)."""
-        vol = self._peek(self.ledger.load() if doc is None else doc, name)
-        return self._volume_path(vol) if vol["attached"] else None
+        for every detached disk at every reconcile). A volume the pool does not have is not open: nothing to
+        close, and one such disk must not stop the reconcile of every other."""
+        vol = peek(self.ledger.load() if doc is None else doc, "volumes", name)
+        return self._volume_path(vol) if vol is not None and vol["attached"] else None
 
     def _peek(self, doc: dict[str, Any], name: str) -> Record:
         """A volume's record, to read: through `peek`, so the pool's other volumes are not copied to read one."""

@@ -322,6 +322,10 @@ class Manager:
         for name, disks in by_pool.items():
             pool = self._pool(name)
             ledger = pool.ledger.load()
+            missing = [d for d in disks if peek(ledger, "volumes", d) is None]
+            if missing:
+                log.warning("pool %s has no volume for the detached disk(s) %s (removed outside nvmetd?): "
+                            "`nvmetctl disk delete` them", name, ", ".join(missing))
             still_open = {d: path for d in disks if (path := pool.opened(d, ledger))}
             for disk, path in still_open.items():
                 if "limits" in _disk_row(doc, disk):
@@ -414,7 +418,13 @@ class Manager:
         for pool, names in by_pool.items():
             backend = self._pool(pool)
             listed = {info.name: info for info in backend.list()}
-            answers += [self._disk_answer(doc, index, pool, listed.get(n) or backend.info(n)) for n in names]
+            for n in names:
+                if n in listed:
+                    answers.append(self._disk_answer(doc, index, pool, listed[n]))
+                else:  # listed, not hidden, and not the end of the listing: the other disks are fine
+                    answers.append({"name": n, "pool": pool, "missing": "the pool has no volume for this disk "
+                                    "(removed outside nvmetd?)", "limits": doc["disks"][n].get("limits", {}),
+                                    "attached_to": index.disk_users(n)})
         return sorted(answers, key=lambda d: d["name"])
 
     @recorded("delete")

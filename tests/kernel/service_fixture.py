@@ -66,8 +66,27 @@ class Daemon:
             if status["reconcile"] is not None:
                 assert status["reconcile"]["converged"], status["reconcile"]
                 return status
-            assert time.monotonic() < deadline, f"nvmetd's start-up restore did not finish within {timeout:g} s"
+            # a failed restore leaves no result to wait for (nvmetd stays NOT READY until a drift tick converges)
+            assert 'msg="restore failed"' not in self.log_text(), f"nvmetd's restore failed:\n{self.log_text()[-4000:]}"
+            assert time.monotonic() < deadline, (f"nvmetd's start-up restore did not finish within {timeout:g} s; "
+                                                 f"its children: {self._children()}; its log ends:\n"
+                                                 f"{self.log_text()[-4000:]}")
             time.sleep(0.5)
+
+    def _children(self) -> list[str]:
+        """What the daemon is waiting on: its child processes' command lines and states."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                fields = text[text.rindex(")") + 2:].split()
+                if self.proc is None or int(fields[1]) != self.proc.pid:
+                    continue
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            found.append(f"{stat.parent.name} [{fields[0]}] {cmd.strip()}")
+        return found
 
     def kill9(self) -> None:
         assert self.proc is not None

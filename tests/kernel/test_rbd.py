@@ -240,9 +240,9 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
     texts = {"answers": "\n".join(answers), "log": daemon.log_text(), **{str(p): p.read_text() for p in stored}}
     for where, text in texts.items():
         assert secret not in text, f"the ceph key appears in the {where}"
-    pool.delete_snapshot("vm1-root", "s1")
+    pool.delete_snapshot("vm1-root", "s1")  # the API has no snapshot delete yet (#12 closing note)
     for disk in ("vm1-secret", "vm1-rem", "vm1-clone", "vm1-root"):
-        pool.delete(disk)
+        daemon.ctl("disk", "delete", disk)  # through nvmetd: a volume deleted behind its back stays in its store
 
 
 def test_unusable_cluster_is_exit_3_and_nothing_made(ceph: Cluster, pool_root: Path, tmp_path: Path) -> None:
@@ -330,7 +330,7 @@ def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
     multipath_host.reload_nvme_core(True)
     step("nvme_core reloaded with multipath=Y")
     daemon.start(deadline=900)
-    daemon.wait_converged()
+    daemon.wait_converged(timeout=240)  # 18 s when well
     step("nvmetd restored its tree")
     try:
         yield
@@ -341,14 +341,13 @@ def target_restarted_with_native_multipath(daemon: Daemon) -> Iterator[None]:
         multipath_host.reload_nvme_core(before)
         step("nvme_core back to multipath=N")
         daemon.start(deadline=900)
-        daemon.wait_converged()
+        daemon.wait_converged(timeout=240)  # 18 s when well
         step("nvmetd restored again")
 
 
-# Passes alone in the rig (2026-12-03: 0 errors, longest write 235 ms); in one boot after the vhost-kernel tests
-# it first failed on a leaked /dev/vhost-nvme (fixed) and then ran over 10 minutes without finishing (where: not
-# yet known): outside make test until it is seen passing in the full suite (#12).
-@pytest.mark.long
+# In make test since 2026-12-04. Its "hang" in the full file was nvmetd's restore failing: the teardown of
+# test_disks_through_nvmetd deleted volumes behind nvmetd's back, and one detached disk without a volume failed the
+# whole restore (fixed in the manager; the teardown deletes through nvmetd; wait_converged fails at once on it).
 def test_multipath_failover_when_the_optimized_port_goes(ceph: Cluster, pool: Backend, cfs: ConfigFS,
                                                         daemon: Daemon) -> None:
     """`attach --multipath`: the VM's subsystem on two tcp ports, ANA optimized and non-optimized. A host with
