@@ -486,9 +486,12 @@ class Backend(ABC):
                           encrypted=vol["encrypted"], compression=vol["compression"], origin=vol["origin"],
                           snapshots=sorted(vol["snapshots"]), attached=vol["attached"], device_path=path)
 
-    def list(self) -> list[VolumeInfo]:
+    def list(self, names: list[str] | None = None) -> list[VolumeInfo]:
+        """Every volume, or those of `names` the pool has (a name it lacks is left out, not an error)."""
         doc = self.ledger.load()
-        return [self._info(vol) for _, vol in sorted(doc["volumes"].items())]
+        if names is None:
+            return [self._info(vol) for _, vol in sorted(doc["volumes"].items())]
+        return [self._info(vol) for n in sorted(names) if (vol := peek(doc, "volumes", n)) is not None]
 
     def set_quota(self, tenant: str, max_bytes: int | str | None = None, max_disks: int | None = None) -> None:
         tenant = names.name(tenant, "tenant name")

@@ -154,12 +154,12 @@ class RbdBackend(Backend):
     def remove_pool(self) -> None:
         _remove(self.client, self.ceph_pool)
 
-    def list(self) -> list[VolumeInfo]:
+    def list(self, names: list[str] | None = None) -> list[VolumeInfo]:
         """The pool-wide facts each disk's info reads (df, the placement groups' acting sets) asked once per
         listing, not once per disk: two cluster commands for the pool instead of two per disk."""
         self._facts = {}
         try:
-            return super().list()
+            return super().list(names)
         finally:
             self._facts = None
 

@@ -417,7 +417,7 @@ class Manager:
         index, answers = self._index(doc), []
         for pool, names in by_pool.items():
             backend = self._pool(pool)
-            listed = {info.name: info for info in backend.list()}
+            listed = {info.name: info for info in backend.list(names)}
             for n in names:
                 if n in listed:
                     answers.append(self._disk_answer(doc, index, pool, listed[n]))

@@ -43,7 +43,8 @@ def test_listing_asks_pool_facts_once(tmp_path: Path) -> None:
     assert [d.name for d in disks] == [f"d{n}" for n in range(5)]
     assert all(d.copies == 3 and d.copies_wanted == 3 and d.allocated_bytes == 4 << 20 for d in disks)
     assert pool.stand_in.asked == {"df": 1, "pg ls-by-pool": 1}
+    assert [d.name for d in pool.list(["d3", "nothere", "d1"])] == ["d1", "d3"]  # what the manager's listing asks
     # outside a listing each info asks afresh: a copy count is a fact of now
     pool.info("d0")
     pool.info("d1")
-    assert pool.stand_in.asked == {"df": 3, "pg ls-by-pool": 3}
+    assert pool.stand_in.asked == {"df": 4, "pg ls-by-pool": 4}
