@@ -251,6 +251,15 @@ class Backend(ABC):
         self._destroy(vol)
         self.keys.destroy(vol["name"])
 
+    def check_delete(self, name: str) -> None:
+        """What `delete` would refuse whatever the caller does first (snapshots), asked before a caller journals its
+        own intent to delete: a refusal must leave the caller's record as it was. Attachment is not checked:
+        callers detach first. A volume the pool does not have is not refused (deleting its record is the fix)."""
+        vol = peek(self.ledger.load(), "volumes", name)
+        if vol is not None and vol["snapshots"]:
+            raise BackendError(f"volume {name!r} has snapshots {sorted(vol['snapshots'])}: delete them first "
+                               "(`nvmetctl disk snapshot-delete`)")
+
     def delete(self, name: str) -> None:
         """Destroy a volume and its data. Refused while attached or while it has snapshots."""
         with self.ledger.change() as doc:

@@ -93,6 +93,8 @@ DiskPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTER
 PoolPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 32)),
                      AfterValidator(_backend_rule("pool name", 32))]
 VmPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VM_PATTERN, 64)), AfterValidator(_vm_name)]
+SnapshotPath = Annotated[str, PathParam(json_schema_extra=_name_schema(VOLUME_PATTERN, 64)),
+                         AfterValidator(_backend_rule("snapshot name"))]
 
 
 class _Request(BaseModel):
@@ -271,6 +273,10 @@ def create_app(manager: Manager) -> FastAPI:
     @router.post("/v1/disks/{name}/snapshots")
     async def snapshot_disk(name: DiskPath, req: Snapshot) -> dict[str, Any]:
         return await run_in_threadpool(manager.snapshot_disk, name, req.snapshot)
+
+    @router.delete("/v1/disks/{name}/snapshots/{snapshot}")
+    async def delete_snapshot(name: DiskPath, snapshot: SnapshotPath) -> dict[str, Any]:
+        return await run_in_threadpool(manager.delete_snapshot, name, snapshot)
 
     @router.post("/v1/disks/{name}/clones")
     async def clone_disk(name: DiskPath, req: Clone) -> dict[str, Any]:

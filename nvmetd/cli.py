@@ -469,6 +469,16 @@ def disk_snapshot(obj: Context, name: str, snapshot: str) -> None:
     obj.emit(result, _kv(result))
 
 
+@disk.command("snapshot-delete")
+@click.argument("name")
+@click.argument("snapshot")
+@click.pass_obj
+def disk_snapshot_delete(obj: Context, name: str, snapshot: str) -> None:
+    """Delete a snapshot of a disk (refused while a clone depends on it)."""
+    result = obj.call("DELETE", ("v1", "disks", name, "snapshots", snapshot))
+    obj.emit(result, f"deleted {name}@{snapshot}")
+
+
 @disk.command("clone")
 @click.argument("name")
 @click.argument("snapshot")

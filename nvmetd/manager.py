@@ -437,6 +437,7 @@ class Manager:
                 users += opi_state.disks(doc).get(name, [])
                 if users:
                     raise UserError(f"disk {name!r} is attached to {', '.join(users)}: detach it first")
+                self._pool(pool).check_delete(name)  # refused before "deleting" is journalled, not after
                 doc["disks"][name]["state"] = DiskState.DELETING.value
             crash_point("delete.after_journal")
             self._finish_delete(name, pool)
@@ -483,6 +484,13 @@ class Manager:
     def snapshot_disk(self, name: str, snap: str) -> dict[str, Any]:
         with self.lock:
             self._pool(self._disk_pool(self.store.load(), name)).snapshot(name, snap)
+            return self.disk_info(name)
+
+    @recorded("delete-snapshot")
+    def delete_snapshot(self, name: str, snap: str) -> dict[str, Any]:
+        """Its data is gone with it; refused while a clone still depends on it (the backend says which)."""
+        with self.lock:
+            self._pool(self._disk_pool(self.store.load(), name)).delete_snapshot(name, snap)
             return self.disk_info(name)
 
     @recorded("clone")

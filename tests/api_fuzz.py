@@ -136,6 +136,7 @@ PATH_OPERATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("DELETE", "/v1/disks/{name}", None),
     ("POST", "/v1/disks/{name}/resize", {"size": "4M"}),
     ("POST", "/v1/disks/{name}/snapshots", {"snapshot": "s1"}),
+    ("DELETE", "/v1/disks/{name}/snapshots/{snapshot}", None),
     ("POST", "/v1/disks/{name}/clones", {"snapshot": "s1", "name": "fresh"}),
     ("GET", "/v1/pools/{name}", None),
     ("POST", "/v1/pools/{name}/repair", None),
@@ -157,7 +158,7 @@ def templated_operations() -> set[tuple[str, str]]:
 def refuses_invalid_name(client: httpx.Client, method: str, template: str, body: dict[str, Any] | None,
                          bad: str, good: dict[str, str]) -> str | None:
     """Put `bad` in each path parameter in turn (the others valid); None if every answer is a clean 4xx."""
-    params = [p for p in ("name", "vm", "disk") if "{" + p + "}" in template]
+    params = [p for p in ("name", "vm", "disk", "snapshot") if "{" + p + "}" in template]
     for param in params:
         path = template
         for p in params:

@@ -53,6 +53,8 @@ COMMANDS = [
     Command(("disk", "snapshot", "--", N, "s1"), "disk"),
     Command(("disk", "snapshot", "--", "victim", N), "snapshot", fixed_disks=("victim",)),
     Command(("disk", "clone", "--", "victim", SNAPSHOT, N), "disk", fixed_disks=("victim",)),
+    Command(("disk", "snapshot-delete", "--", N, "s1"), "disk"),
+    Command(("disk", "snapshot-delete", "--", "victim", N), "snapshot", fixed_disks=("victim",)),
     Command(("disk", "create", "--pool", "files", "--size", "4M", "--", N), "disk"),
     Command(("attach", "--transport", "tcp", "--", "vmb", N), "disk", fixed_vms=("vmb",)),
     Command(("attach", "--transport", "tcp", "--", N, "free"), "vm", fixed_disks=("free",)),
@@ -180,6 +182,10 @@ def acted_on(cmd: Command, name: str, before: Snapshot, after: Snapshot, data: A
         "disk resize 8M": lambda: after.volumes[f"files/{name}"]["logical_bytes"] == 8 << 20,
         "disk snapshot s1": lambda: "s1" in after.volumes[f"files/{name}"]["snapshots"],
         "disk snapshot victim": lambda: name in after.volumes["files/victim"]["snapshots"],
+        "disk snapshot-delete s1": lambda: "s1" in before.volumes[f"files/{name}"]["snapshots"]
+        and "s1" not in after.volumes[f"files/{name}"]["snapshots"],
+        "disk snapshot-delete victim": lambda: name in before.volumes["files/victim"]["snapshots"]
+        and name not in after.volumes["files/victim"]["snapshots"],
         "disk clone victim s0": lambda: name in disks_after and f"files/{name}" in after.volumes,
         "disk create files 4M": lambda: disks_after.get(name, {}).get("state", "ready") == "ready",
         "attach tcp vmb": lambda: name in vms_after.get("vmb", {}).get("attachments", {}) and data["disk"] == name,

@@ -82,8 +82,8 @@ def test_openapi_fuzz(case, client: httpx.Client) -> None:  # type: ignore[no-un
     api_fuzz.check_case(client, case)
 
 
-KNOWN = {"name": ["d0", "d1", "d2"], "disk": ["d0", "d1", "d2"], "vm": ["vm0", "vm1"], "body.pool": ["files"],
-         "body.snapshot": ["s1"], "body.name": ["d2"], "body.size": ["4M", "8M"]}
+KNOWN = {"name": ["d0", "d1", "d2"], "disk": ["d0", "d1", "d2"], "vm": ["vm0", "vm1"], "snapshot": ["s1"],
+         "body.pool": ["files"], "body.snapshot": ["s1"], "body.name": ["d2"], "body.size": ["4M", "8M"]}
 
 
 @pytest.mark.parametrize(("method", "path"), api_fuzz.operations_with_names(), ids=lambda x: x)
@@ -105,7 +105,7 @@ def test_invalid_path_names_get_4xx(client: httpx.Client, method: str, template:
     if BUDGET.spent(("invalid", method, template)):
         return
     problem = api_fuzz.refuses_invalid_name(client, method, template, body, bad,
-                                            {"name": "d1", "vm": "vm0", "disk": "d1"})
+                                            {"name": "d1", "vm": "vm0", "disk": "d1", "snapshot": "s1"})
     assert problem is None, problem
 
 

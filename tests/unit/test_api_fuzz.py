@@ -97,8 +97,9 @@ def test_openapi_fuzz(case, client: httpx.Client) -> None:  # type: ignore[no-un
     api_fuzz.check_case(client, case)
 
 
-KNOWN = {"name": ["d0", "d1", "d2"], "disk": ["d0", "d1", "d2"], "vm": ["vm0", "vm1"], "body.pool": ["files"],
-         "body.snapshot": ["s1", "s2"], "body.name": ["d2", "d3"], "body.size": ["4M", "8M", 16 << 20]}
+KNOWN = {"name": ["d0", "d1", "d2"], "disk": ["d0", "d1", "d2"], "vm": ["vm0", "vm1"], "snapshot": ["s1"],
+         "body.pool": ["files"], "body.snapshot": ["s1", "s2"], "body.name": ["d2", "d3"],
+         "body.size": ["4M", "8M", 16 << 20]}
 
 
 @pytest.mark.parametrize(("method", "path"), api_fuzz.operations_with_names(), ids=lambda x: x)
@@ -120,7 +121,7 @@ def test_targeted_pass_covers_every_templated_route() -> None:
 def test_invalid_path_names_get_4xx(client: httpx.Client, world: World, method: str, template: str,
                                     body: dict | None, bad: str) -> None:
     problem = api_fuzz.refuses_invalid_name(client, method, template, body, bad,
-                                            {"name": "d1", "vm": "vm0", "disk": "d1"})
+                                            {"name": "d1", "vm": "vm0", "disk": "d1", "snapshot": "s1"})
     assert problem is None, problem
     assert world.outside_files() == []
 

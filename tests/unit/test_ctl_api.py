@@ -67,3 +67,32 @@ def test_target_commands_go_through_the_api(served: tuple[Manager, list[str]], t
     assert main([*common, "diff"]) == 0
     assert main([*common, "--offline", "status"]) == 3  # nvmetd serves: offline is refused
     assert "nvmetd is running" in capsys.readouterr().err
+
+
+def test_snapshot_delete_through_the_api(served: tuple[Manager, list[str]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """A disk with a snapshot could not be deleted through nvmetctl: no command removed the snapshot. Refused
+    while a clone depends on it (exit 2, one line), then deleted, then the disk itself."""
+    from backends import pools
+
+    manager, common = served
+    pools.create_pool("file", "files", devices=[str(tmp_path / "files")], root=manager.pools_root)
+    assert main([*common, "disk", "create", "d1", "--pool", "files", "--size", "4M"]) == 0
+    assert main([*common, "disk", "snapshot", "d1", "s1"]) == 0
+    assert main([*common, "disk", "clone", "d1", "s1", "c1"]) == 0
+    capsys.readouterr()
+    # refused, and the disk is still there (it used to be journalled "deleting" first: gone from every listing)
+    assert main([*common, "disk", "delete", "d1"]) == 2
+    assert "snapshot-delete" in capsys.readouterr().err
+    assert {d["name"] for d in manager.list_disks()} == {"d1", "c1"}
+    assert main([*common, "disk", "snapshot-delete", "d1", "s1"]) == 2  # a clone depends on it
+    err = capsys.readouterr().err
+    assert "clones" in err and err.count("\n") == 1
+    assert main([*common, "disk", "delete", "c1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--json", "disk", "snapshot-delete", "d1", "s1"]) == 0
+    assert json.loads(capsys.readouterr().out)["snapshots"] == []
+    assert main([*common, "disk", "snapshot-delete", "d1", "s1"]) == 2  # gone
+    assert "no snapshot" in capsys.readouterr().err
+    assert main([*common, "disk", "delete", "d1"]) == 0
+    assert manager.list_disks() == []
