@@ -256,9 +256,8 @@ class Backend(ABC):
         own intent to delete: a refusal must leave the caller's record as it was. Attachment is not checked:
         callers detach first. A volume the pool does not have is not refused (deleting its record is the fix)."""
         vol = peek(self.ledger.load(), "volumes", name)
-        if vol is not None and vol["snapshots"]:
-            raise BackendError(f"volume {name!r} has snapshots {sorted(vol['snapshots'])}: delete them first "
-                               "(`nvmetctl disk snapshot-delete`)")
+        if vol is not None:
+            _refuse_snapshots(vol)
 
     def delete(self, name: str) -> None:
         """Destroy a volume and its data. Refused while attached or while it has snapshots."""
@@ -268,8 +267,7 @@ class Backend(ABC):
             if vol["attached"]:
                 raise BackendError(f"volume {name!r} is attached (a namespace may still use it): remove the "
                                    "namespace and detach it first")
-            if vol["snapshots"]:
-                raise BackendError(f"volume {name!r} has snapshots {sorted(vol['snapshots'])}: delete them first")
+            _refuse_snapshots(vol)
             intent = new_intent_id()
             doc["intents"][intent] = {"op": "delete", "volume": name, "record": vol, "time": time.time()}
         self._finish_delete(intent, vol)
@@ -580,3 +578,10 @@ class Backend(ABC):
 
     def volumes(self) -> Iterator[str]:
         yield from sorted(self.ledger.load()["volumes"])
+
+
+def _refuse_snapshots(vol: Record) -> None:
+    """The one refusal both `check_delete` and `delete` make: a volume's snapshots go first."""
+    if vol["snapshots"]:
+        raise BackendError(f"volume {vol['name']!r} has snapshots {sorted(vol['snapshots'])}: delete them first "
+                           "(`nvmetctl disk snapshot-delete`)")
