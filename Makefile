@@ -3,10 +3,10 @@ STAMP := .venv/.setup-done
 # `make demo` installs only what the demo needs (scripts/setup --demo); `make setup` covers both
 DEMO_STAMP := .venv/.setup-demo-done
 
-.PHONY: setup demo test test-long bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls bench-limits bench-offload bench-rbd lint clean
+.PHONY: setup demo test bench bench-vhost bench-vhost-kernel bench-target bench-backends bench-attach bench-cli bench-tls bench-limits bench-offload bench-rbd lint clean
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt)
+$(STAMP): pyproject.toml scripts/setup $(wildcard */apt-packages*.txt) $(wildcard kernel_patches/zfs/*)
 	scripts/setup
 	touch $@ $(DEMO_STAMP)
 
@@ -19,10 +19,6 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	scripts/test
-
-# the kernel tests outside make test (claims that do not hold yet, each marked with why), one boot
-test-long: $(STAMP)
-	.venv/bin/python -m rig --timeout 7200 -- .venv/bin/python -m pytest -m "kernel and long" -p no:cacheprovider --durations=15
 
 # fio matrix in the rig VM (every backend x transport vs the raw device), then the plots on the host (fast there).
 BENCH_OUT ?= bench-out/latest
