@@ -195,15 +195,25 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
         again = ctl("attach", "vm1", "vm1-clone", "--transport", "tcp")
         again_dev = hostside.namespace_device(att["subsystem_nqn"], again["nsid"], "tcp")
         assert hostside.direct_read(again_dev, MIB) == bytes(MIB)
-        # remanence (#15): every block of a deleted disk written, a new disk of the same name and size read whole
-        # through the target: no old block
+        # remanence (#15): every block of a deleted disk written (tagged, incompressible: the pool compresses), its
+        # copies seen on the OSDs' raw devices, gone from them after the delete; a new disk of the same name and
+        # size read whole through the target: no old block
         ctl("disk", "create", "vm1-rem", "--pool", "ceph", "--size", "16M")
         rem = ctl("attach", "vm1", "vm1-rem", "--transport", "tcp")
         rem_dev = hostside.namespace_device(att["subsystem_nqn"], rem["nsid"], "tcp")
-        write_direct(rem_dev, b"\xa5" * (16 * MIB))
-        assert hostside.direct_read(rem_dev, 16 * MIB) == b"\xa5" * (16 * MIB)
+        tag = b"nvmetd-rbd-remanence-" + os.urandom(8).hex().encode()
+        old = b"".join(tag + os.urandom(4096 - len(tag)) for _ in range(16 * MIB // 4096))
+        write_direct(rem_dev, old)
+        assert hostside.direct_read(rem_dev, 16 * MIB) == old
         ctl("detach", "vm1", "vm1-rem")
+        assert _osds_holding(ceph, tag) == OSDS, "the scan does not see the disk's copies on the OSD devices"
         ctl("disk", "delete", "vm1-rem")
+        held = _osds_holding(ceph, tag)
+        deadline = time.monotonic() + 300  # BlueStore discards freed extents asynchronously
+        while held and time.monotonic() < deadline:
+            time.sleep(2)
+            held = _osds_holding(ceph, tag)
+        assert held == 0, f"{held} OSD device(s) still hold blocks of the deleted disk"
         ctl("disk", "create", "vm1-rem", "--pool", "ceph", "--size", "16M")
         rem = ctl("attach", "vm1", "vm1-rem", "--transport", "tcp")
         rem_dev = hostside.namespace_device(att["subsystem_nqn"], rem["nsid"], "tcp")
@@ -243,6 +253,11 @@ def test_disks_through_nvmetd(ceph: Cluster, pool: Backend, pool_root: Path, cfs
     daemon.ctl("disk", "snapshot-delete", "vm1-root", "s1")
     for disk in ("vm1-secret", "vm1-rem", "vm1-clone", "vm1-root"):
         daemon.ctl("disk", "delete", disk)  # through nvmetd: a volume deleted behind its back stays in its store
+
+
+def _osds_holding(ceph: Cluster, tag: bytes) -> int:
+    """How many OSDs' raw block devices hold a block starting with `tag` (a whole-device scan, around the cache)."""
+    return sum(contains(dev, tag) for dev in ceph.block_devices)
 
 
 def test_unusable_cluster_is_exit_3_and_nothing_made(ceph: Cluster, pool_root: Path, tmp_path: Path) -> None:
