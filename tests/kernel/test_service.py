@@ -102,7 +102,7 @@ def test_contending_clients_equal_their_serial_replay(daemon: Daemon, cfs: Confi
 
 def _daemon_child(daemon: Daemon, seed: int) -> None:
     """What a (re)started nvmetd does: recover and reconcile, then serve a burst of changes. Runs in a forked
-    child so that 50 restarts do not pay 50 Python start-ups under TCG; SIGKILL ends it anywhere."""
+    child so that the restarts do not each pay a Python start-up under TCG; SIGKILL ends it anywhere."""
     import os
 
     from nvmetd.manager import Manager
@@ -146,7 +146,10 @@ def test_kill9_at_random_points_converges(daemon: Daemon, cfs: ConfigFS) -> None
     rng = random.Random(4242)
     points: list[float] = []
     survived = 0
-    for _ in range(50):
+    # 30 random points (50 until 2026-12-04: 129 s of a CI run); every named step of each operation is killed
+    # deterministically by test_crash_points, so these are the between-steps sample, not the only coverage
+    count = int(os.environ.get("NVMETD_KILL9_POINTS", "30"))
+    for _ in range(count):
         pid = os.fork()
         if pid == 0:
             _daemon_child(daemon, rng.randrange(1 << 30))
@@ -174,5 +177,5 @@ def test_kill9_at_random_points_converges(daemon: Daemon, cfs: ConfigFS) -> None
             sub = live.subsystem(f"{SUBSYSTEM_PREFIX}{vm['uuid']}")
             assert sorted(n.nsid for n in sub.namespaces) == sorted(a["nsid"] for a in vm["attachments"].values())
     files = {p.name for p in (daemon.base / "files").iterdir() if p.is_file()}
-    print(f"kill -9 at 50 points (seconds into a burst): {points}; {survived} bursts finished before the kill; "
+    print(f"kill -9 at {count} points (seconds into a burst): {points}; {survived} bursts finished before the kill; "
           f"final: {len(stored)} disks, {len(expected)} VM subsystems, {len(files)} files in the pool")
